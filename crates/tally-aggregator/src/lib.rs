@@ -1,0 +1,121 @@
+//! # tally-aggregator
+//!
+//! Turns the Kafka log of increments into PostgreSQL's durable totals.
+//!
+//! A Kafka consumer group reads the topic. Every window (5 s by default) each aggregator
+//! commits what it read in ONE transaction: one upsert statement adds the window sums to
+//! `counter_windows` and `counters` and moves the partitions' offsets in `consumer_offsets`.
+//! Offsets live only in PostgreSQL, next to the counts, so a crash anywhere either commits both
+//! or neither; after a restart or a rebalance, consumption resumes from the stored offsets.
+//!
+//! After each commit the aggregator copies the touched counters' summaries into Redis and
+//! publishes which windows are closed, so reads can combine PostgreSQL's totals with the open
+//! windows' Redis deltas (see `tally_core::value`).
+//!
+//! ## Layout
+//! - [`consumer`]: the consumer thread, its rebalance callback and the flush;
+//! - [`commit`]: the PostgreSQL transaction;
+//! - [`pending`]: the window being read, as plain data.
+//!
+//! The aggregator must never commit offsets to Kafka, and never write a summary to Redis that
+//! PostgreSQL does not hold.
+
+mod commit;
+mod consumer;
+mod metrics;
+mod pending;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use tally_infra::config::{AggregatorConfig, PipelineConfig, StoreConfig};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::consumer::{AggregatorContext, Shared};
+use crate::pending::PendingWindow;
+
+pub struct Aggregator {
+    consumer: BaseConsumer<AggregatorContext>,
+    topic: String,
+}
+
+impl Aggregator {
+    pub fn build(
+        store: &StoreConfig,
+        pipeline: &PipelineConfig,
+        config: &AggregatorConfig,
+        pool: PgPool,
+        redis: ConnectionManager,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let shared = Arc::new(Shared {
+            runtime: tokio::runtime::Handle::current(),
+            pool,
+            redis,
+            keys: store.key_space(),
+            group: config.aggregator_group.clone(),
+            topic: store.kafka_topic.clone(),
+            window: pipeline.window_spec(),
+            delta_ttl_ms: (pipeline.delta_ttl_secs * 1_000) as i64,
+            cancel,
+            pending: Mutex::new(PendingWindow::default()),
+        });
+        let consumer: BaseConsumer<AggregatorContext> = ClientConfig::new()
+            .set("bootstrap.servers", &store.kafka_brokers)
+            .set("group.id", &config.aggregator_group)
+            // Offsets are stored in PostgreSQL with the counts, never in Kafka.
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            // A killed aggregator's partitions move to a live one within seconds.
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .create_with_context(AggregatorContext { shared })
+            .context("failed to create the Kafka consumer")?;
+        Ok(Self {
+            consumer,
+            topic: store.kafka_topic.clone(),
+        })
+    }
+
+    /// Consumes until `cancel` fires, then commits the current window and leaves the group.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("tally-aggregator".into())
+            .spawn(move || {
+                let outcome = self.consume();
+                let _ = done_tx.send(outcome);
+            })
+            .context("failed to start the aggregator thread")?;
+        done_rx.await.context("the aggregator thread panicked")?
+    }
+
+    fn consume(self) -> anyhow::Result<()> {
+        let cancel = self.consumer.context().shared.cancel.clone();
+        let partition_count = loop {
+            match tally_infra::kafka::fetch_partition_count_of(&self.consumer, &self.topic) {
+                Ok(count) => break count,
+                Err(error) => {
+                    warn!(%error, "waiting for the kafka topic");
+                    if cancel.is_cancelled() {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        };
+        self.consumer
+            .subscribe(&[&self.topic])
+            .context("failed to subscribe to the topic")?;
+        info!(kafka.topic = %self.topic, kafka.partitions = partition_count, "aggregator consuming");
+        consumer::run_blocking(self.consumer, partition_count);
+        Ok(())
+    }
+}

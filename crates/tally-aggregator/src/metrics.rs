@@ -1,0 +1,84 @@
+//! The aggregator's metrics.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Histogram, IntCounter, IntGaugeVec, register_histogram, register_int_counter,
+    register_int_gauge_vec,
+};
+
+pub(crate) static WINDOW_FLUSH_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "tally_aggregator_window_flush_seconds",
+        "Time to commit one window to PostgreSQL, in seconds",
+        tally_infra::metrics::latency_buckets()
+    )
+    .expect("the metric should register once")
+});
+
+pub(crate) static WINDOW_FLUSH_ROWS: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "tally_aggregator_window_flush_rows",
+        "(counter, window) rows in one window's upsert",
+        vec![
+            0.0,
+            1.0,
+            10.0,
+            100.0,
+            1_000.0,
+            10_000.0,
+            100_000.0,
+            1_000_000.0
+        ]
+    )
+    .expect("the metric should register once")
+});
+
+pub(crate) static RECORDS_APPLIED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tally_aggregator_records_applied_total",
+        "Kafka records applied to PostgreSQL"
+    )
+    .expect("the metric should register once")
+});
+
+pub(crate) static MALFORMED_RECORDS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tally_aggregator_malformed_records_total",
+        "Kafka records skipped because their key or value was not an increment"
+    )
+    .expect("the metric should register once")
+});
+
+pub(crate) static CLAMPED_SUMS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tally_aggregator_clamped_total",
+        "Window sums or totals clamped to the i64 range instead of wrapping"
+    )
+    .expect("the metric should register once")
+});
+
+pub(crate) static FENCED_COMMITS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tally_aggregator_fenced_commits_total",
+        "Commits abandoned because another aggregator had moved the partition's offset"
+    )
+    .expect("the metric should register once")
+});
+
+pub(crate) static FAILED_COMMITS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tally_aggregator_failed_commits_total",
+        "Window commits that PostgreSQL did not take; the window is retried"
+    )
+    .expect("the metric should register once")
+});
+
+pub(crate) static CONSUMER_LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "tally_aggregator_consumer_lag_records",
+        "Records in the partition not yet applied to PostgreSQL",
+        &["partition"]
+    )
+    .expect("the metric should register once")
+});

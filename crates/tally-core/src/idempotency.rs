@@ -1,0 +1,66 @@
+//! Idempotency keys: 1 to 128 printable ASCII characters.
+
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdempotencyKeyError {
+    #[error("the idempotency key is empty")]
+    Empty,
+    #[error("the idempotency key is {0} bytes long; the limit is {MAX_IDEMPOTENCY_KEY_LEN}")]
+    TooLong(usize),
+    #[error("the idempotency key has a byte outside printable ASCII at position {0}")]
+    NotPrintableAscii(usize),
+}
+
+impl IdempotencyKey {
+    pub fn parse(candidate: &[u8]) -> Result<Self, IdempotencyKeyError> {
+        if candidate.is_empty() {
+            return Err(IdempotencyKeyError::Empty);
+        }
+        if candidate.len() > MAX_IDEMPOTENCY_KEY_LEN {
+            return Err(IdempotencyKeyError::TooLong(candidate.len()));
+        }
+        if let Some(position) = candidate
+            .iter()
+            .position(|byte| !(0x20..=0x7e).contains(byte))
+        {
+            return Err(IdempotencyKeyError::NotPrintableAscii(position));
+        }
+        let text = std::str::from_utf8(candidate).expect("printable ASCII should be valid UTF-8");
+        Ok(Self(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validates_keys() {
+        assert_eq!(
+            IdempotencyKey::parse(b"order-42 retry").unwrap().as_str(),
+            "order-42 retry"
+        );
+        assert_eq!(IdempotencyKey::parse(b""), Err(IdempotencyKeyError::Empty));
+        assert_eq!(
+            IdempotencyKey::parse(&[b'k'; 129]),
+            Err(IdempotencyKeyError::TooLong(129))
+        );
+        assert_eq!(
+            IdempotencyKey::parse(b"ab\tc"),
+            Err(IdempotencyKeyError::NotPrintableAscii(2))
+        );
+        assert!(IdempotencyKey::parse("é".as_bytes()).is_err());
+    }
+}

@@ -1,0 +1,22 @@
+//! # tally-infra
+//!
+//! What every role of Tally needs to talk to the outside world, in one place:
+//! - [`config`]: every setting, as a flag and a `TALLY_*` environment variable;
+//! - [`kafka`], [`redis_store`], [`postgres`]: how to connect, with the settings the promises
+//!   depend on (acks=all, the idempotent producer, manual offsets, timeouts);
+//! - [`problem`]: the one mapping from errors users see to `application/problem+json`;
+//! - [`metrics`]: the Prometheus registry rendered by `/metrics`;
+//! - [`clock`]: wall-clock milliseconds.
+//!
+//! This crate knows nothing about counting. It must never decide what a count is.
+
+pub mod clock;
+pub mod config;
+pub mod kafka;
+pub mod metrics;
+pub mod postgres;
+pub mod problem;
+pub mod redis_store;
+pub mod summaries;
+
+pub use problem::Problem;

@@ -1,0 +1,31 @@
+//! # tally-ingest
+//!
+//! Where an increment enters Tally. [`routes`] validates the request; [`service`] produces one
+//! Kafka record per counter (key = counter name, `acks=all`, idempotent producer), waits for
+//! the acknowledgement, then `INCRBY`s one of the counter's Redis shard keys, picked at random
+//! among as many as the counter's write rate calls for ([`hot_names`]).
+//!
+//! The ingest must never answer `202` before Kafka acknowledged, and never treat Redis as the
+//! truth: a failed `INCRBY` costs freshness until the window closes, never a count.
+
+mod hot_names;
+mod metrics;
+pub mod routes;
+pub mod service;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::post;
+
+pub use service::{CounterIncrements, IngestService, ProduceError};
+
+/// The write routes, with the body size limit applied.
+pub fn router(service: Arc<IngestService>, body_max_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/counters/{name}/increment", post(routes::increment_one))
+        .route("/v1/increments", post(routes::increment_batch))
+        .layer(DefaultBodyLimit::max(body_max_bytes))
+        .with_state(service)
+}

@@ -1,0 +1,427 @@
+//! The write routes. Everything a client sends is validated here, before anything is produced:
+//! a request either gets `202` with every increment durable, or an error and nothing counted
+//! (`503` is the one exception: its increments are indeterminate).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+use tally_core::{Amount, CounterName, CounterNameError, IdempotencyKey};
+use tally_infra::Problem;
+use tracing::instrument;
+
+use crate::service::{CounterIncrements, IngestService, ProduceError};
+
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
+/// `202` for one increment.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct IncrementAccepted {
+    /// The counter's name.
+    pub counter: String,
+    /// The amount added.
+    pub by: i64,
+}
+
+/// `202` for a batch.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BatchAccepted {
+    /// How many increments were accepted.
+    pub accepted: usize,
+}
+
+/// The optional body of `POST /v1/counters/{name}/increment`.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)] // Documents the wire format; parsing goes through serde_json::Value.
+pub struct IncrementRequest {
+    /// A nonzero integer with |by| <= 10^12. Defaults to 1.
+    pub by: Option<i64>,
+}
+
+/// One item of a batch.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct BatchItem {
+    /// The counter's name: 1 to 256 bytes of UTF-8, no control characters.
+    pub counter: String,
+    /// A nonzero integer with |by| <= 10^12. Defaults to 1.
+    pub by: Option<i64>,
+    /// Up to 128 printable ASCII characters.
+    pub idempotency_key: Option<String>,
+}
+
+/// The body of `POST /v1/increments`.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct BatchRequest {
+    pub increments: Vec<BatchItem>,
+}
+
+/// Adds `by` (default 1) to one counter.
+#[utoipa::path(
+    post,
+    path = "/v1/counters/{name}/increment",
+    params(
+        ("name" = String, Path, description = "Counter name, percent-encoded"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Up to 128 printable ASCII characters"),
+    ),
+    request_body(content = Option<IncrementRequest>, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Kafka acknowledged the increment", body = IncrementAccepted),
+        (status = 400, description = "Bad name, amount, key or JSON", content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", content_type = "application/problem+json"),
+        (status = 503, description = "Kafka did not acknowledge in time; the increment is indeterminate", content_type = "application/problem+json"),
+    ),
+    tag = "increments"
+)]
+#[instrument(skip_all, fields(counter.name))]
+pub async fn increment_one(
+    State(service): State<Arc<IngestService>>,
+    name: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<IncrementAccepted>), Problem> {
+    let name = counter_name_from_path(name)?;
+    tracing::Span::current().record("counter.name", name.as_str());
+    let body = body.map_err(body_rejection)?;
+    let by = if body.is_empty() {
+        Amount::ONE
+    } else {
+        let object = json_object(&headers, &body)?;
+        reject_unknown_members(&object, &["by"])?;
+        match object.get("by") {
+            None => Amount::ONE,
+            Some(by) => Amount::from_json(by).map_err(|error| invalid_amount(error.to_string()))?,
+        }
+    };
+    let idempotency_keys = match headers.get(IDEMPOTENCY_KEY_HEADER) {
+        None => Vec::new(),
+        Some(value) => vec![
+            IdempotencyKey::parse(value.as_bytes())
+                .map_err(|error| invalid_idempotency_key(error.to_string()))?
+                .into_string(),
+        ],
+    };
+    let increment = CounterIncrements {
+        name,
+        by: by.get(),
+        increments: 1,
+        idempotency_keys,
+    };
+    service
+        .accept(std::slice::from_ref(&increment))
+        .await
+        .map_err(unavailable)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(IncrementAccepted {
+            counter: increment.name.into_string(),
+            by: by.get(),
+        }),
+    ))
+}
+
+/// Adds many increments at once. Validation is all-or-nothing.
+#[utoipa::path(
+    post,
+    path = "/v1/increments",
+    request_body(content = BatchRequest, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Kafka acknowledged every increment", body = BatchAccepted),
+        (status = 400, description = "Malformed batch, or bad items listed by index", content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", content_type = "application/problem+json"),
+        (status = 503, description = "Kafka did not acknowledge in time; the batch's increments are indeterminate", content_type = "application/problem+json"),
+    ),
+    tag = "increments"
+)]
+#[instrument(skip_all, fields(batch.size))]
+pub async fn increment_batch(
+    State(service): State<Arc<IngestService>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<BatchAccepted>), Problem> {
+    let body = body.map_err(body_rejection)?;
+    let object = json_object(&headers, &body)?;
+    reject_unknown_members(&object, &["increments"])?;
+    let Some(Value::Array(items)) = object.get("increments") else {
+        return Err(invalid_body("the body must have an `increments` array"));
+    };
+    tracing::Span::current().record("batch.size", items.len());
+    if items.is_empty() {
+        return Err(invalid_body(
+            "`increments` is empty; send at least one increment",
+        ));
+    }
+    if items.len() > service.batch_max_items {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "batch-too-large",
+            "Too many increments in one batch",
+            format!(
+                "the batch has {} increments; the limit is {}",
+                items.len(),
+                service.batch_max_items
+            ),
+        ));
+    }
+    let counters = validate_batch(items)?;
+    service.accept(&counters).await.map_err(unavailable)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(BatchAccepted {
+            accepted: items.len(),
+        }),
+    ))
+}
+
+/// Validates every item, and groups the valid batch by counter: one record per counter.
+fn validate_batch(items: &[Value]) -> Result<Vec<CounterIncrements>, Problem> {
+    let mut errors = Vec::new();
+    let mut by_counter: HashMap<CounterName, CounterIncrements> = HashMap::new();
+    let mut order = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        match validate_item(item) {
+            Ok((name, by, key)) => {
+                let entry = by_counter.entry(name.clone()).or_insert_with(|| {
+                    order.push(name.clone());
+                    CounterIncrements {
+                        name,
+                        by: 0,
+                        increments: 0,
+                        idempotency_keys: Vec::new(),
+                    }
+                });
+                // At most 10,000 items of at most 10^12 each: the sum fits in i64.
+                entry.by += by;
+                entry.increments += 1;
+                entry.idempotency_keys.extend(key);
+            }
+            Err((field, detail)) => {
+                errors.push(json!({ "index": index, "field": field, "detail": detail }))
+            }
+        }
+    }
+    if !errors.is_empty() {
+        let detail = format!(
+            "{} of {} increments are invalid; nothing was counted (first: item {}: {})",
+            errors.len(),
+            items.len(),
+            errors[0]["index"],
+            errors[0]["detail"].as_str().unwrap_or_default()
+        );
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-batch",
+            "Some increments in the batch are invalid",
+            detail,
+        )
+        .with_extension("errors", Value::Array(errors)));
+    }
+    Ok(order
+        .into_iter()
+        .map(|name| by_counter.remove(&name).expect("every name was inserted"))
+        .collect())
+}
+
+type ItemError = (&'static str, String);
+
+fn validate_item(item: &Value) -> Result<(CounterName, i64, Option<String>), ItemError> {
+    let Value::Object(item) = item else {
+        return Err(("item", "an increment must be a JSON object".into()));
+    };
+    if let Some(unknown) = item
+        .keys()
+        .find(|member| !["counter", "by", "idempotency_key"].contains(&member.as_str()))
+    {
+        return Err(("item", format!("unknown member `{unknown}`")));
+    }
+    let name = match item.get("counter") {
+        Some(Value::String(name)) => {
+            CounterName::parse(name.as_str()).map_err(|error| ("counter", error.to_string()))?
+        }
+        Some(other) => {
+            return Err((
+                "counter",
+                format!("`counter` must be a string, got {other}"),
+            ));
+        }
+        None => return Err(("counter", "`counter` is missing".into())),
+    };
+    let by = match item.get("by") {
+        None => Amount::ONE,
+        Some(by) => Amount::from_json(by).map_err(|error| ("by", error.to_string()))?,
+    };
+    let key = match item.get("idempotency_key") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(key)) => Some(
+            IdempotencyKey::parse(key.as_bytes())
+                .map_err(|error| ("idempotency_key", error.to_string()))?
+                .into_string(),
+        ),
+        Some(other) => {
+            return Err((
+                "idempotency_key",
+                format!("`idempotency_key` must be a string, got {other}"),
+            ));
+        }
+    };
+    Ok((name, by.get(), key))
+}
+
+/// Checks the content type and parses the body as a JSON object.
+fn json_object(headers: &HeaderMap, body: &[u8]) -> Result<Map<String, Value>, Problem> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok());
+    let is_json = content_type.is_some_and(|value| {
+        let media_type = value
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        media_type == "application/json" || media_type.ends_with("+json")
+    });
+    if !is_json {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "The body must be JSON",
+            format!(
+                "the Content-Type is {}; send application/json",
+                content_type.map_or("missing".to_owned(), |value| format!("`{value}`"))
+            ),
+        ));
+    }
+    let value: Value = serde_json::from_slice(body).map_err(|error| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "malformed-json",
+            "The body is not valid JSON",
+            error.to_string(),
+        )
+    })?;
+    match value {
+        Value::Object(object) => Ok(object),
+        other => Err(invalid_body(format!(
+            "the body must be a JSON object, got {}",
+            json_kind(&other)
+        ))),
+    }
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn reject_unknown_members(object: &Map<String, Value>, known: &[&str]) -> Result<(), Problem> {
+    match object
+        .keys()
+        .find(|member| !known.contains(&member.as_str()))
+    {
+        Some(unknown) => Err(invalid_body(format!(
+            "unknown member `{unknown}`; the body may only have {}",
+            known
+                .iter()
+                .map(|member| format!("`{member}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Turns the `{name}` path segment into a counter name, or a `400` that says what is wrong.
+pub fn counter_name_from_path(
+    name: Result<Path<String>, PathRejection>,
+) -> Result<CounterName, Problem> {
+    let name = match name {
+        Ok(Path(name)) => name,
+        // The router already matched the route, so the only way extraction fails is a segment
+        // that is not UTF-8 once percent-decoded.
+        Err(_) => return Err(invalid_name(CounterNameError::NotUtf8.to_string())),
+    };
+    CounterName::parse(name).map_err(|error| invalid_name(error.to_string()))
+}
+
+pub fn invalid_name(detail: String) -> Problem {
+    Problem::new(
+        StatusCode::BAD_REQUEST,
+        "invalid-counter-name",
+        "Invalid counter name",
+        detail,
+    )
+}
+
+fn invalid_amount(detail: String) -> Problem {
+    Problem::new(
+        StatusCode::BAD_REQUEST,
+        "invalid-amount",
+        "Invalid increment amount",
+        detail,
+    )
+}
+
+fn invalid_idempotency_key(detail: String) -> Problem {
+    Problem::new(
+        StatusCode::BAD_REQUEST,
+        "invalid-idempotency-key",
+        "Invalid idempotency key",
+        detail,
+    )
+}
+
+fn invalid_body(detail: impl Into<String>) -> Problem {
+    Problem::new(
+        StatusCode::BAD_REQUEST,
+        "invalid-body",
+        "The body has the wrong shape",
+        detail,
+    )
+}
+
+fn body_rejection(rejection: BytesRejection) -> Problem {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "The body is too large",
+            rejection.body_text(),
+        );
+    }
+    Problem::new(
+        StatusCode::BAD_REQUEST,
+        "unreadable-body",
+        "The body could not be read",
+        rejection.body_text(),
+    )
+}
+
+fn unavailable(error: ProduceError) -> Problem {
+    let detail = match &error {
+        ProduceError::QueueFull => format!("{error}; retry later"),
+        _ => format!("{error}; retry with the same Idempotency-Key"),
+    };
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "kafka-unavailable",
+        "Kafka did not acknowledge",
+        detail,
+    )
+    .with_retry_after(1)
+}

@@ -1,0 +1,197 @@
+//! Where an increment enters: produce to Kafka, wait for the acknowledgement, then `INCRBY` one
+//! of the counter's Redis shard keys. Only then may the caller answer `202`.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use rand::Rng as _;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use redis::aio::ConnectionManager;
+use tally_core::{CounterName, IncrementRecord, KeySpace, WindowSpec, scripts};
+use tally_infra::clock::now_ms;
+use tally_infra::config::{IngestConfig, PipelineConfig, StoreConfig};
+use tracing::warn;
+
+use crate::hot_names::HotNames;
+use crate::metrics;
+
+/// Increments of one counter that travel as one Kafka record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CounterIncrements {
+    pub name: CounterName,
+    pub by: i64,
+    pub increments: u32,
+    pub idempotency_keys: Vec<String>,
+}
+
+/// Kafka did not acknowledge every record in time. Each affected increment is indeterminate:
+/// it may or may not have been written, and it counts at most once.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    #[error("kafka did not acknowledge the increment within {0:?}; it is indeterminate")]
+    Timeout(Duration),
+    #[error("kafka rejected the increment: {0}")]
+    Rejected(KafkaError),
+    #[error("the producer queue is full; the increment was not sent")]
+    QueueFull,
+}
+
+pub struct IngestService {
+    producer: FutureProducer,
+    redis: ConnectionManager,
+    keys: KeySpace,
+    topic: String,
+    window: WindowSpec,
+    produce_timeout: Duration,
+    delta_ttl_secs: u64,
+    /// std Mutex: held only for a map update, never across an await.
+    hot_names: Mutex<HotNames>,
+    pub(crate) batch_max_items: usize,
+}
+
+impl IngestService {
+    pub fn new(
+        producer: FutureProducer,
+        redis: ConnectionManager,
+        store: &StoreConfig,
+        pipeline: &PipelineConfig,
+        config: &IngestConfig,
+    ) -> Self {
+        Self {
+            producer,
+            redis,
+            keys: store.key_space(),
+            topic: store.kafka_topic.clone(),
+            window: pipeline.window_spec(),
+            produce_timeout: pipeline.produce_timeout(),
+            delta_ttl_secs: pipeline.delta_ttl_secs,
+            hot_names: Mutex::new(HotNames::new(config.shard_policy())),
+            batch_max_items: config.batch_max_items,
+        }
+    }
+
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
+    /// Makes the increments durable in Kafka, then adds them to Redis. Returns once every
+    /// record is acknowledged; on error none of them may be reported as accepted.
+    pub async fn accept(&self, batch: &[CounterIncrements]) -> Result<(), ProduceError> {
+        let window_start_ms = self.window.start_of(now_ms());
+        let records: Vec<Vec<u8>> = batch
+            .iter()
+            .map(|counter| {
+                IncrementRecord::new(
+                    window_start_ms,
+                    counter.by,
+                    counter.increments,
+                    counter.idempotency_keys.clone(),
+                )
+                .encode()
+            })
+            .collect();
+        let acknowledgements = batch
+            .iter()
+            .zip(&records)
+            .map(|(counter, payload)| self.produce(counter.name.as_str(), payload));
+        let outcomes = join_all(acknowledgements).await;
+        if let Some(error) = outcomes.into_iter().find_map(Result::err) {
+            return Err(error);
+        }
+        self.add_to_redis(batch, window_start_ms).await;
+        let accepted: u64 = batch.iter().map(|counter| counter.increments as u64).sum();
+        metrics::INCREMENTS_ACCEPTED.inc_by(accepted);
+        Ok(())
+    }
+
+    async fn produce(&self, name: &str, payload: &[u8]) -> Result<(), ProduceError> {
+        let started = Instant::now();
+        let record = FutureRecord::to(&self.topic).key(name).payload(payload);
+        let delivery = match self.producer.send_result(record) {
+            Ok(delivery) => delivery,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                metrics::KAFKA_FAILURES
+                    .with_label_values(&["queue_full"])
+                    .inc();
+                return Err(ProduceError::QueueFull);
+            }
+            Err((error, _)) => {
+                metrics::KAFKA_FAILURES
+                    .with_label_values(&["rejected"])
+                    .inc();
+                return Err(ProduceError::Rejected(error));
+            }
+        };
+        // The producer itself gives up at the same deadline (message.timeout.ms); the extra
+        // second only covers the delivery report's trip back to this task.
+        let deadline = self.produce_timeout + Duration::from_secs(1);
+        match tokio::time::timeout(deadline, delivery).await {
+            Ok(Ok(Ok(_))) => {
+                metrics::KAFKA_ACK_SECONDS.observe(started.elapsed().as_secs_f64());
+                Ok(())
+            }
+            Ok(Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))))
+            | Err(_) => {
+                metrics::KAFKA_FAILURES
+                    .with_label_values(&["timeout"])
+                    .inc();
+                Err(ProduceError::Timeout(self.produce_timeout))
+            }
+            Ok(Ok(Err((error, _)))) => {
+                metrics::KAFKA_FAILURES
+                    .with_label_values(&["rejected"])
+                    .inc();
+                Err(ProduceError::Rejected(error))
+            }
+            Ok(Err(_canceled)) => {
+                metrics::KAFKA_FAILURES
+                    .with_label_values(&["canceled"])
+                    .inc();
+                Err(ProduceError::Timeout(self.produce_timeout))
+            }
+        }
+    }
+
+    /// One pipelined round trip for the whole batch. A failure here loses nothing: the records
+    /// are in Kafka, and reads take the window from PostgreSQL once it closes.
+    async fn add_to_redis(&self, batch: &[CounterIncrements], window_start_ms: i64) {
+        let now = now_ms();
+        let declare_script = redis::Script::new(scripts::DECLARE_SHARD_COUNT);
+        let mut pipeline = redis::pipe();
+        let mut commands = 0;
+        {
+            let mut hot_names = self
+                .hot_names
+                .lock()
+                .expect("the hot names lock should never be poisoned");
+            let mut random = rand::rng();
+            for counter in batch.iter().filter(|counter| counter.by != 0) {
+                let name = counter.name.as_str();
+                let choice =
+                    hot_names.observe(name, counter.increments as u64, now, window_start_ms);
+                metrics::SHARD_COUNT.observe(choice.shard_count as f64);
+                if choice.declare {
+                    let mut invocation =
+                        declare_script.key(self.keys.shard_count(name, window_start_ms));
+                    invocation.arg(choice.shard_count).arg(self.delta_ttl_secs);
+                    pipeline.invoke_script(&invocation).ignore();
+                }
+                let shard = random.random_range(0..choice.shard_count);
+                let key = self.keys.delta(name, window_start_ms, shard);
+                pipeline.incr(&key, counter.by).ignore();
+                pipeline.expire(&key, self.delta_ttl_secs as i64).ignore();
+                commands += 1;
+            }
+        }
+        if commands == 0 {
+            return;
+        }
+        let mut redis = self.redis.clone();
+        if let Err(error) = pipeline.query_async::<()>(&mut redis).await {
+            metrics::REDIS_FAILURES.inc_by(commands);
+            warn!(%error, batch.size = commands, "redis incrby failed; reads catch up when the window closes");
+        }
+    }
+}

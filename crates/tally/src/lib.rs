@@ -1,0 +1,24 @@
+//! # tally
+//!
+//! The one binary of Tally. `main` parses the command line, sets up logging and dispatches;
+//! everything else lives in the role crates:
+//!
+//! | where | what |
+//! |---|---|
+//! | `tally-ingest` | an increment enters: Kafka, then Redis, then `202` |
+//! | `tally-aggregator` | an increment becomes durable in PostgreSQL, once per window |
+//! | `tally-read` | a counter is read: cache, Redis, or PostgreSQL |
+//! | `tally-replay` | Redis is rebuilt from PostgreSQL |
+//! | `tally-core` | the pure model: names, amounts, windows, keys, how values combine |
+//! | `tally-infra` | connections, configuration, problem+json, metrics |
+//!
+//! This crate wires them together: [`cli`] for the commands and their flags, [`server`] for
+//! `tally serve`, [`health`] and [`openapi`] for the operational routes.
+
+pub mod cli;
+pub mod health;
+mod http_metrics;
+pub mod openapi;
+pub mod server;
+
+pub use server::App;

@@ -1,0 +1,247 @@
+//! `tally serve`: builds every role asked for, serves HTTP, and shuts down in order.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::http::Uri;
+use axum::routing::{get, post};
+use rdkafka::producer::{FutureProducer, Producer as _};
+use tally_aggregator::Aggregator;
+use tally_infra::Problem;
+use tally_ingest::IngestService;
+use tally_read::ReadService;
+use tally_replay::ReplayJob;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::cli::{Role, ServeArgs};
+use crate::health::{self, Dependencies};
+use crate::{http_metrics, openapi};
+
+/// A built, not yet running, Tally process.
+pub struct App {
+    listener: TcpListener,
+    router: Router,
+    producer: Option<FutureProducer>,
+    aggregator: Option<Aggregator>,
+    auto_replay: Option<ReplayJob>,
+    window_ms: u64,
+    shutdown_timeout: Duration,
+    cancel: CancellationToken,
+}
+
+impl App {
+    /// Connects to the stores, prepares the schema and topic, and binds the listener.
+    pub async fn build(args: ServeArgs, cancel: CancellationToken) -> anyhow::Result<Self> {
+        let pool = tally_infra::postgres::connect(&args.store)?;
+        if args.migrate_on_start {
+            tally_infra::postgres::migrate(&pool).await?;
+        }
+        let redis = tally_infra::redis_store::connect(&args.store)?;
+        if args.runs(Role::Ingest) || args.runs(Role::Aggregator) {
+            tally_infra::kafka::ensure_topic(&args.store).await?;
+        }
+        let kafka_metadata = Arc::new(tally_infra::kafka::metadata_client(&args.store)?);
+
+        let mut router = Router::new();
+        let mut producer = None;
+        if args.runs(Role::Ingest) {
+            let kafka_producer = tally_infra::kafka::producer(&args.store, &args.pipeline)?;
+            producer = Some(kafka_producer.clone());
+            let service = IngestService::new(
+                kafka_producer,
+                redis.clone(),
+                &args.store,
+                &args.pipeline,
+                &args.ingest,
+            );
+            router = router.merge(tally_ingest::router(
+                Arc::new(service),
+                args.ingest.body_max_bytes,
+            ));
+        }
+        if args.runs(Role::Read) {
+            let service = ReadService::new(
+                redis.clone(),
+                pool.clone(),
+                &args.store,
+                &args.pipeline,
+                &args.read,
+            );
+            router = router.merge(tally_read::router(Arc::new(service)));
+        }
+        let mut aggregator = None;
+        let mut auto_replay = None;
+        if args.runs(Role::Aggregator) {
+            aggregator = Some(Aggregator::build(
+                &args.store,
+                &args.pipeline,
+                &args.aggregator,
+                pool.clone(),
+                redis.clone(),
+                cancel.clone(),
+            )?);
+            if args.auto_replay {
+                auto_replay = Some(ReplayJob::new(
+                    &args.store,
+                    &args.pipeline,
+                    &args.aggregator,
+                    pool.clone(),
+                    redis.clone(),
+                    Duration::from_secs(600),
+                ));
+            }
+        }
+        let dependencies = Arc::new(Dependencies {
+            redis,
+            pool,
+            kafka: kafka_metadata,
+        });
+        let router = router
+            .route("/healthz", get(health::healthz))
+            .route("/readyz", get(health::readyz).with_state(dependencies))
+            .route("/metrics", get(openapi::metrics))
+            .route("/openapi.json", get(openapi::openapi_json))
+            // An empty name has no segment for the router to match; answer it as a bad name.
+            .route("/v1/counters//increment", post(empty_name))
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(axum::middleware::from_fn(http_metrics::track));
+
+        let listener = TcpListener::bind(args.http.http_addr)
+            .await
+            .with_context(|| format!("failed to listen on {}", args.http.http_addr))?;
+        Ok(Self {
+            listener,
+            router,
+            producer,
+            aggregator,
+            auto_replay,
+            window_ms: args.pipeline.window_ms,
+            shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
+            cancel,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener should have an address")
+    }
+
+    /// Serves until the cancellation token fires, then stops taking requests, answers those in
+    /// flight, flushes the producer and lets the aggregator commit its window.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        info!(http.addr = %self.local_addr(), "tally serving");
+        let mut tasks = JoinSet::new();
+        if let Some(aggregator) = self.aggregator {
+            tasks.spawn(aggregator.run());
+        }
+        if let Some(replay) = self.auto_replay {
+            tasks.spawn(heal_lost_redis(replay, self.window_ms, self.cancel.clone()));
+        }
+        let cancel = self.cancel.clone();
+        let server = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move { cancel.cancelled().await });
+        tasks.spawn(async move { server.await.context("the http server failed") });
+
+        // Run until shutdown is asked for or a task fails; a failed role takes the process down
+        // rather than leaving it half alive.
+        let mut first_error = None;
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                joined = tasks.join_next() => {
+                    let Some(joined) = joined else { break };
+                    if let Err(error) = joined.map_err(anyhow::Error::from).and_then(|outcome| outcome) {
+                        error!(error = format!("{error:#}"), "a tally task failed; shutting down");
+                        first_error = Some(error);
+                        self.cancel.cancel();
+                        break;
+                    }
+                }
+            }
+        }
+        // Shutdown has begun: give the rest the patience timer, then abort them.
+        let patience = tokio::time::timeout(self.shutdown_timeout, async {
+            while let Some(joined) = tasks.join_next().await {
+                if let Ok(Err(error)) | Err(error) = joined.map_err(anyhow::Error::from) {
+                    warn!(
+                        error = format!("{error:#}"),
+                        "a tally task failed while stopping"
+                    );
+                }
+            }
+        })
+        .await;
+        if patience.is_err() {
+            warn!(timeout = ?self.shutdown_timeout, "shutdown took too long; aborting the rest");
+            tasks.abort_all();
+        }
+        if let Some(producer) = self.producer {
+            let timeout = self.shutdown_timeout;
+            let flushed = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+            if let Ok(Err(error)) = flushed {
+                warn!(%error, "the kafka producer did not flush every record");
+            }
+        }
+        info!("tally stopped");
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Runs the replay whenever Redis turns out to have lost its data, so a restarted or flushed
+/// Redis heals without an operator.
+async fn heal_lost_redis(
+    replay: ReplayJob,
+    window_ms: u64,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut redis = replay.redis.clone();
+    let meta_key = replay.keys.meta();
+    loop {
+        let meta_exists = redis::cmd("EXISTS")
+            .arg(&meta_key)
+            .query_async::<bool>(&mut redis)
+            .await;
+        if let Ok(false) = meta_exists {
+            warn!("redis lost its data; rebuilding it from postgres");
+            match replay.run(|line| info!("{line}")).await {
+                Ok(summary) => info!(
+                    replay.counters = summary.counters_rebuilt,
+                    replay.records = summary.records_replayed,
+                    duration_ms = summary.duration.as_millis() as u64,
+                    "redis rebuilt"
+                ),
+                Err(error) => warn!(
+                    error = format!("{error:#}"),
+                    "rebuilding redis failed; will retry"
+                ),
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(window_ms)) => {}
+        }
+    }
+}
+
+async fn empty_name() -> Problem {
+    tally_ingest::routes::invalid_name(tally_core::CounterNameError::Empty.to_string())
+}
+
+async fn not_found(uri: Uri) -> Problem {
+    if uri.path() == "/v1/counters/" {
+        return tally_ingest::routes::invalid_name(tally_core::CounterNameError::Empty.to_string());
+    }
+    Problem::not_found(format!("no route for {}", uri.path()))
+}
+
+async fn method_not_allowed(uri: Uri) -> Problem {
+    Problem::method_not_allowed(format!("{} does not take this method", uri.path()))
+}

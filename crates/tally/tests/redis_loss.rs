@@ -1,0 +1,228 @@
+//! Redis is a cache of the truth: losing it loses no count. Each test runs its own redis-server
+//! so it can flush or restart it without touching other tests.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{OwnRedis, TestApp, random_suffix, start, test_args, use_fresh_database, wait_until};
+use tokio::sync::Mutex;
+
+const NAMES: usize = 40;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flushing_redis_during_load_loses_nothing() {
+    let mut redis = OwnRedis::start();
+    let app = Arc::new(spawn_app_on(&redis).await);
+    let outcome = run_load_with_fault(app.clone(), || {
+        let url = redis.url();
+        async move {
+            let client = redis::Client::open(url).unwrap();
+            let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+            redis::cmd("FLUSHALL")
+                .query_async::<()>(&mut connection)
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+    check_after_replay(&app, &outcome).await;
+    redis.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarting_redis_empty_during_load_loses_nothing() {
+    let redis = Arc::new(std::sync::Mutex::new(OwnRedis::start()));
+    let app = Arc::new(spawn_app_on(&redis.lock().unwrap()).await);
+    let outcome = run_load_with_fault(app.clone(), || {
+        let redis = redis.clone();
+        async move {
+            redis.lock().unwrap().stop();
+            // Down for a second: writes still get 202, reads come from PostgreSQL.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            redis.lock().unwrap().restart_empty();
+        }
+    })
+    .await;
+    check_after_replay(&app, &outcome).await;
+}
+
+async fn spawn_app_on(redis: &OwnRedis) -> TestApp {
+    let suffix = random_suffix();
+    let mut args = test_args(&suffix);
+    use_fresh_database(&mut args, &suffix).await;
+    args.store.redis_url = redis.url();
+    // The operator's replay is what this test exercises, so the serve process must not heal
+    // Redis by itself.
+    args.auto_replay = false;
+    start(args).await
+}
+
+struct LoadOutcome {
+    expected: HashMap<String, i64>,
+    reads_from_postgres: usize,
+    reads_from_redis: usize,
+}
+
+/// Writes to NAMES counters from two clients and reads them from a third, for six seconds, with
+/// `fault` injected after two. Every write must get 202; every read must answer 200 with a
+/// value that is never below what PostgreSQL held just before the read.
+async fn run_load_with_fault<F, Fut>(app: Arc<TestApp>, fault: F) -> LoadOutcome
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let names: Arc<Vec<String>> = Arc::new((0..NAMES).map(|i| format!("loss-{i}")).collect());
+    let expected: Arc<Mutex<HashMap<String, i64>>> = Arc::new(Mutex::new(HashMap::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
+    for writer in 0..2 {
+        let (app, names, expected, stop) =
+            (app.clone(), names.clone(), expected.clone(), stop.clone());
+        tasks.spawn(async move {
+            let mut i = writer;
+            while !stop.load(Ordering::Relaxed) {
+                let name = &names[i % names.len()];
+                let response = app.increment(name, 3).await;
+                assert_eq!(
+                    response.status(),
+                    202,
+                    "writes must keep getting 202 while redis is lost"
+                );
+                *expected.lock().await.entry(name.clone()).or_default() += 3;
+                i += 2;
+            }
+            (0, 0)
+        });
+    }
+    {
+        let (app, names, stop) = (app.clone(), names.clone(), stop.clone());
+        tasks.spawn(async move {
+            let (mut from_postgres, mut from_redis) = (0, 0);
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let name = &names[i % names.len()];
+                let floor: i64 = sqlx::query_scalar(
+                    "SELECT coalesce(max(total), 0) FROM counters WHERE name = $1",
+                )
+                .bind(name)
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+                let read = app.read(name, i % 2 == 0).await;
+                let value = read["value"].as_i64().unwrap();
+                assert!(
+                    value >= floor,
+                    "read {read} is below what postgres already held ({floor})"
+                );
+                match read["source"].as_str().unwrap() {
+                    "postgres" => {
+                        assert_eq!(
+                            read["stale"], true,
+                            "a postgres read must be flagged stale: {read}"
+                        );
+                        from_postgres += 1;
+                    }
+                    "redis" | "cache" => from_redis += 1,
+                    other => panic!("unknown source {other}"),
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (from_postgres, from_redis)
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fault().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut reads_from_postgres, mut reads_from_redis) = (0, 0);
+    while let Some(task) = tasks.join_next().await {
+        let (from_postgres, from_redis) = task.unwrap();
+        reads_from_postgres += from_postgres;
+        reads_from_redis += from_redis;
+    }
+    let expected = expected.lock().await.clone();
+    LoadOutcome {
+        expected,
+        reads_from_postgres,
+        reads_from_redis,
+    }
+}
+
+/// Runs `tally replay` as an operator would, then checks that PostgreSQL, Redis and the read API
+/// all hold exactly the acknowledged totals.
+async fn check_after_replay(app: &TestApp, outcome: &LoadOutcome) {
+    assert!(
+        outcome.reads_from_postgres > 0,
+        "some reads should have fallen back to postgres"
+    );
+    let args = &app.args;
+    let replay = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("replay")
+        .args(["--redis-url", &args.store.redis_url])
+        .args(["--redis-prefix", &args.store.redis_prefix])
+        .args(["--kafka-brokers", &args.store.kafka_brokers])
+        .args(["--kafka-topic", &args.store.kafka_topic])
+        .args(["--database-url", &args.store.database_url])
+        .args(["--aggregator-group", &args.aggregator.aggregator_group])
+        .args(["--window-ms", &args.pipeline.window_ms.to_string()])
+        .args([
+            "--produce-timeout-ms",
+            &args.pipeline.produce_timeout_ms.to_string(),
+        ])
+        .args(["--clock-skew-ms", &args.pipeline.clock_skew_ms.to_string()])
+        .args(["--wait-secs", "60"])
+        .output()
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&replay.stdout);
+    assert!(
+        replay.status.success(),
+        "tally replay failed: {printed}{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert!(printed.contains("replay done"), "{printed}");
+    println!("{printed}");
+
+    let expected = &outcome.expected;
+    wait_until(
+        Duration::from_secs(60),
+        "postgres holds every acknowledged increment",
+        || async {
+            let totals = app.postgres_totals().await;
+            expected
+                .iter()
+                .all(|(name, value)| totals.get(name) == Some(value))
+        },
+    )
+    .await;
+    let names: Vec<String> = expected.keys().cloned().collect();
+    wait_until(
+        Duration::from_secs(60),
+        "redis serves the exact totals again",
+        || async {
+            app.read_many(&names, true).await.iter().all(|read| {
+                read["source"] == "redis"
+                    && read["value"] == expected[read["counter"].as_str().unwrap()]
+            })
+        },
+    )
+    .await;
+    for read in app.read_many(&names, false).await {
+        assert_eq!(
+            read["value"],
+            expected[read["counter"].as_str().unwrap()],
+            "{read}"
+        );
+    }
+    println!(
+        "{} reads from postgres (stale) and {} from redis during the fault; {} increments exact after replay",
+        outcome.reads_from_postgres,
+        outcome.reads_from_redis,
+        expected.values().sum::<i64>() / 3
+    );
+}
