@@ -31,7 +31,7 @@ pub async fn apply_commits(
         return Ok(Vec::new());
     }
     let script = redis::Script::new(scripts::APPLY_SUMMARY_COMMIT);
-    let mut pipeline = redis::pipe();
+    let mut pipeline = pipeline_with_script(scripts::APPLY_SUMMARY_COMMIT);
     for commit in commits {
         let mut invocation = script.key(keys.summary(&commit.name));
         invocation
@@ -63,7 +63,7 @@ pub async fn replace(
         return Ok(0);
     }
     let script = redis::Script::new(scripts::REPLACE_SUMMARY);
-    let mut pipeline = redis::pipe();
+    let mut pipeline = pipeline_with_script(scripts::REPLACE_SUMMARY);
     for summary in summaries {
         let mut invocation = script.key(keys.summary(&summary.name));
         invocation.arg(summary.version).arg(summary.total);
@@ -74,6 +74,15 @@ pub async fn replace(
     }
     let outcomes: Vec<i64> = pipeline.query_async(connection).await?;
     Ok(outcomes.into_iter().filter(|outcome| *outcome == 1).count())
+}
+
+/// A pipeline that first loads `script`. Pipelined invocations use EVALSHA and, unlike single
+/// ones, do not retry with the source when Redis answers NOSCRIPT (as a restarted Redis does), so
+/// every pipeline loads its script itself; loading a loaded script is a no-op.
+pub fn pipeline_with_script(script: &str) -> redis::Pipeline {
+    let mut pipeline = redis::pipe();
+    pipeline.cmd("SCRIPT").arg("LOAD").arg(script).ignore();
+    pipeline
 }
 
 /// Raises the published closed window of the given partitions.

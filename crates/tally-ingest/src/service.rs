@@ -161,6 +161,9 @@ impl IngestService {
         let declare_script = redis::Script::new(scripts::DECLARE_SHARD_COUNT);
         let mut pipeline = redis::pipe();
         let mut commands = 0;
+        // Pipelined scripts run by EVALSHA only: load the script first, in the same pipeline, in
+        // case Redis restarted since the last time.
+        let mut script_loaded = false;
         {
             let mut hot_names = self
                 .hot_names
@@ -173,6 +176,14 @@ impl IngestService {
                     hot_names.observe(name, counter.increments as u64, now, window_start_ms);
                 metrics::SHARD_COUNT.observe(choice.shard_count as f64);
                 if choice.declare {
+                    if !script_loaded {
+                        pipeline
+                            .cmd("SCRIPT")
+                            .arg("LOAD")
+                            .arg(scripts::DECLARE_SHARD_COUNT)
+                            .ignore();
+                        script_loaded = true;
+                    }
                     let mut invocation =
                         declare_script.key(self.keys.shard_count(name, window_start_ms));
                     invocation.arg(choice.shard_count).arg(self.delta_ttl_secs);

@@ -74,6 +74,9 @@ impl RedisValues<'_> {
                 first.get(self.keys.delta(name.as_str(), *window, 0));
             }
         }
+        // The epoch is read again after the data: commands of a pipeline run in order, so if
+        // Redis lost its data anywhere in between, the second read sees no (or a new) epoch.
+        first.hget(self.keys.meta(), META_EPOCH_FIELD);
         let mut replies: std::vec::IntoIter<redis::Value> = first
             .query_async::<Vec<redis::Value>>(connection)
             .await?
@@ -105,6 +108,10 @@ impl RedisValues<'_> {
             }
             window_reads.push(per_window);
         }
+        let epoch_after: Option<String> = redis::from_redis_value(next(&mut replies))?;
+        if epoch_after.as_deref() != Some(watermark.epoch.as_str()) {
+            return Ok(Err(Untrusted::DataLost));
+        }
 
         let mut extra = redis::pipe();
         let mut extra_reads = 0;
@@ -117,13 +124,19 @@ impl RedisValues<'_> {
                 }
             }
         }
+        extra.hget(self.keys.meta(), META_EPOCH_FIELD);
         let mut extra_replies = if extra_reads > 0 {
             let replies = extra.query_async::<Vec<redis::Value>>(connection).await?;
-            let mut replies = replies.into_iter();
-            let epoch: Option<String> = redis::from_redis_value(next(&mut replies))?;
-            if epoch.as_deref() != Some(watermark.epoch.as_str()) {
+            let epoch_before: Option<String> = redis::from_redis_value(replies[0].clone())?;
+            let epoch_after: Option<String> =
+                redis::from_redis_value(replies[replies.len() - 1].clone())?;
+            if epoch_before.as_deref() != Some(watermark.epoch.as_str())
+                || epoch_after.as_deref() != Some(watermark.epoch.as_str())
+            {
                 return Ok(Err(Untrusted::DataLost));
             }
+            let mut replies = replies.into_iter();
+            replies.next();
             replies
         } else {
             Vec::new().into_iter()

@@ -93,6 +93,20 @@ pub async fn start(args: ServeArgs) -> TestApp {
         cancel,
         server: Some(server),
     };
+    if !test_app.args.auto_replay {
+        // Nothing else marks a new Redis as complete.
+        let job = tally_replay::ReplayJob::new(
+            &test_app.args.store,
+            &test_app.args.pipeline,
+            &test_app.args.aggregator,
+            test_app.pool.clone(),
+            test_app.redis.clone(),
+            Duration::from_secs(60),
+        );
+        job.run(|_| {})
+            .await
+            .expect("the first replay should succeed");
+    }
     // Ready once the aggregator has published closed windows and reads come from Redis.
     wait_until(Duration::from_secs(60), "reads come from redis", || async {
         test_app.read("warm-up", true).await["source"] == "redis"
@@ -135,8 +149,10 @@ impl TestApp {
             .send()
             .await
             .expect("the request should reach tally");
-        assert_eq!(response.status(), 200, "reading {name} should succeed");
-        response.json().await.unwrap()
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, 200, "reading {name} should succeed: {body}");
+        body
     }
 
     /// Reads many counters, 1000 per request.
