@@ -137,11 +137,14 @@ pub enum WatermarkMissing {
     NoClosedWindows,
 }
 
+/// The field/value pairs of a Redis hash.
+type HashFields = Vec<(String, String)>;
+
 pub async fn read_watermark(
     connection: &mut ConnectionManager,
     keys: &KeySpace,
 ) -> redis::RedisResult<Result<Watermark, WatermarkMissing>> {
-    let (meta, closed): (Vec<(String, String)>, Vec<(String, String)>) = redis::pipe()
+    let (meta, closed): (HashFields, HashFields) = redis::pipe()
         .hgetall(keys.meta())
         .hgetall(keys.closed())
         .query_async(connection)

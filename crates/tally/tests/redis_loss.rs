@@ -16,7 +16,7 @@ const NAMES: usize = 40;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn flushing_redis_during_load_loses_nothing() {
     let mut redis = OwnRedis::start();
-    let app = Arc::new(spawn_app_on(&redis).await);
+    let app = Arc::new(spawn_app_on(redis.url()).await);
     let outcome = run_load_with_fault(app.clone(), || {
         let url = redis.url();
         async move {
@@ -36,7 +36,8 @@ async fn flushing_redis_during_load_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarting_redis_empty_during_load_loses_nothing() {
     let redis = Arc::new(std::sync::Mutex::new(OwnRedis::start()));
-    let app = Arc::new(spawn_app_on(&redis.lock().unwrap()).await);
+    let redis_url = redis.lock().unwrap().url();
+    let app = Arc::new(spawn_app_on(redis_url).await);
     let outcome = run_load_with_fault(app.clone(), || {
         let redis = redis.clone();
         async move {
@@ -50,11 +51,11 @@ async fn restarting_redis_empty_during_load_loses_nothing() {
     check_after_replay(&app, &outcome).await;
 }
 
-async fn spawn_app_on(redis: &OwnRedis) -> TestApp {
+async fn spawn_app_on(redis_url: String) -> TestApp {
     let suffix = random_suffix();
     let mut args = test_args(&suffix);
     use_fresh_database(&mut args, &suffix).await;
-    args.store.redis_url = redis.url();
+    args.store.redis_url = redis_url;
     // The operator's replay is what this test exercises, so the serve process must not heal
     // Redis by itself.
     args.auto_replay = false;
