@@ -22,25 +22,53 @@ pub(crate) struct OffsetRows {
 #[derive(Debug)]
 pub(crate) enum CommitOutcome {
     /// Committed. The summaries of the counters the commit touched, as PostgreSQL now has them:
-    /// total, version, and the sums of the windows the commit touched.
-    Committed(Vec<CounterSummaryRow>),
+    /// total, version, and the sums of the windows the commit touched; and how many keyed
+    /// increments were dropped because their key had been applied in an earlier window.
+    Committed {
+        summaries: Vec<CounterSummaryRow>,
+        duplicates_absorbed: u64,
+    },
     /// Another aggregator moved these partitions' offsets: it owns them now, and what was read
     /// here must be dropped.
     Fenced(Vec<i32>),
 }
 
-/// Upserts `counter_windows`, `counters` and `consumer_offsets` in one statement. Sums are
-/// added as `numeric` and clamped into the `bigint` range, so a counter saturates rather than
+/// Upserts `counter_windows`, `counters` and `consumer_offsets` in one statement, after claiming
+/// the window's idempotency keys in `idempotency_keys`: a keyed increment whose key was already
+/// applied (and has not expired) is taken out of its window's sum before anything is added. Sums
+/// are added as `numeric` and clamped into the `bigint` range, so a counter saturates rather than
 /// wraps or fails the whole window.
 const WINDOW_UPSERT: &str = r#"
-WITH input AS (
-    SELECT name, to_timestamp(window_start_ms / 1000.0) AS window_start, delta, kafka_partition
+WITH keyed AS (
+    SELECT * FROM unnest($10::text[], $11::text[], $12::bigint[], $13::bigint[])
+         AS t(key, name, window_start_ms, by)
+),
+claimed AS (
+    INSERT INTO idempotency_keys AS i (key, counter, by, applied_at)
+    SELECT key, name, by, now() FROM keyed
+    ON CONFLICT (key) DO UPDATE
+        SET counter = excluded.counter, by = excluded.by, applied_at = excluded.applied_at
+        WHERE i.applied_at <= now() - make_interval(secs => $14)
+    RETURNING key
+),
+applied_before AS (
+    SELECT name, window_start_ms, sum(by) AS by, count(*) AS increments
+    FROM keyed
+    WHERE key NOT IN (SELECT key FROM claimed)
+    GROUP BY name, window_start_ms
+),
+input AS (
+    SELECT r.name, to_timestamp(r.window_start_ms / 1000.0) AS window_start,
+           r.delta - coalesce(a.by, 0) AS delta, r.kafka_partition
     FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[])
-         AS t(name, window_start_ms, delta, kafka_partition)
+         AS r(name, window_start_ms, delta, kafka_partition)
+    LEFT JOIN applied_before a
+           ON a.name = r.name AND a.window_start_ms = r.window_start_ms
 ),
 windows AS (
     INSERT INTO counter_windows AS w (name, window_start, sum)
-    SELECT name, window_start, delta FROM input
+    SELECT name, window_start,
+           LEAST(GREATEST(delta, -9223372036854775808), 9223372036854775807)::bigint FROM input
     ON CONFLICT (name, window_start) DO UPDATE
         SET sum = LEAST(GREATEST(w.sum::numeric + excluded.sum, -9223372036854775808),
                         9223372036854775807)::bigint
@@ -76,6 +104,8 @@ offsets AS (
 SELECT 'window' AS kind, name, window_start_ms, sum AS value, 0::bigint AS version FROM windows
 UNION ALL
 SELECT 'total', name, 0::bigint, total, version FROM totals
+UNION ALL
+SELECT 'duplicates', '', 0::bigint, coalesce(sum(increments), 0)::bigint, 0::bigint FROM applied_before
 "#;
 
 pub(crate) async fn commit_window(
@@ -84,6 +114,7 @@ pub(crate) async fn commit_window(
     topic: &str,
     rows: &CommitRows,
     offsets: &OffsetRows,
+    idempotency_window_secs: u64,
 ) -> Result<CommitOutcome, sqlx::Error> {
     let mut transaction = pool.begin().await?;
 
@@ -122,13 +153,23 @@ pub(crate) async fn commit_window(
         .bind(&offsets.partitions)
         .bind(&offsets.next_offsets)
         .bind(&offsets.closed_windows_ms)
+        .bind(&rows.keys)
+        .bind(&rows.key_names)
+        .bind(&rows.key_window_starts_ms)
+        .bind(&rows.key_amounts)
+        .bind(idempotency_window_secs as f64)
         .fetch_all(&mut *transaction)
         .await?;
     transaction.commit().await?;
 
     let mut summaries: BTreeMap<String, CounterSummaryRow> = BTreeMap::new();
+    let mut duplicates_absorbed = 0;
     for row in &returned {
         let kind: &str = row.try_get("kind")?;
+        if kind == "duplicates" {
+            duplicates_absorbed = row.try_get::<i64, _>("value")? as u64;
+            continue;
+        }
         let name: String = row.try_get("name")?;
         let summary = summaries
             .entry(name.clone())
@@ -147,7 +188,37 @@ pub(crate) async fn commit_window(
                 .push((row.try_get("window_start_ms")?, row.try_get("value")?));
         }
     }
-    Ok(CommitOutcome::Committed(summaries.into_values().collect()))
+    Ok(CommitOutcome::Committed {
+        summaries: summaries.into_values().collect(),
+        duplicates_absorbed,
+    })
+}
+
+/// Deletes idempotency keys older than the window, oldest first, in batches that each walk the
+/// `applied_at` index: never a scan of the whole table, and never on the write path.
+pub(crate) async fn prune_expired_keys(
+    pool: &PgPool,
+    window_secs: u64,
+) -> Result<u64, sqlx::Error> {
+    const BATCH: i64 = 10_000;
+    let mut pruned = 0;
+    loop {
+        let deleted = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE key IN (
+                 SELECT key FROM idempotency_keys
+                 WHERE applied_at <= now() - make_interval(secs => $1)
+                 ORDER BY applied_at LIMIT $2)",
+        )
+        .bind(window_secs as f64)
+        .bind(BATCH)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        pruned += deleted;
+        if deleted < BATCH as u64 {
+            return Ok(pruned);
+        }
+    }
 }
 
 /// Makes sure each partition has an offset row, and returns `(next_offset, closed_window_ms)`

@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::commit::{self, CommitOutcome, OffsetRows};
 use crate::metrics;
-use crate::pending::PendingWindow;
+use crate::pending::{PendingWindow, RecordIncrement};
 
 /// How many windows before the oldest closed one a summary keeps its window sums for. Readers
 /// only need the windows after the closed one; the margin covers readers whose view of the
@@ -37,6 +37,7 @@ pub(crate) struct Shared {
     pub(crate) topic: String,
     pub(crate) window: WindowSpec,
     pub(crate) delta_ttl_ms: i64,
+    pub(crate) idempotency_window_secs: u64,
     pub(crate) cancel: CancellationToken,
     /// std Mutex, not tokio's: it is only ever locked on the consumer thread, never across an
     /// await.
@@ -170,10 +171,15 @@ fn add_message(shared: &Shared, message: &BorrowedMessage<'_>) {
     lock(&shared.pending).add(message.partition(), message.offset(), append_ms, increment);
 }
 
-fn decode(message: &BorrowedMessage<'_>) -> Option<(String, i64, i64)> {
+fn decode(message: &BorrowedMessage<'_>) -> Option<RecordIncrement> {
     let name = CounterName::parse_bytes(message.key()?).ok()?;
     let record = IncrementRecord::decode(message.payload()?).ok()?;
-    Some((name.into_string(), record.window_start_ms, record.by))
+    Some(RecordIncrement {
+        name: name.into_string(),
+        window_start_ms: record.window_start_ms,
+        by: record.by,
+        keyed: record.keyed,
+    })
 }
 
 /// Commits what was read since the last flush, then brings Redis's copies up to date.
@@ -181,7 +187,7 @@ fn flush(consumer: &BaseConsumer<AggregatorContext>, shared: &Shared, partition_
     let started = Instant::now();
     advance_closed_windows(consumer, shared);
 
-    let (rows, offsets, records) = {
+    let (rows, offsets, records, duplicates_in_window) = {
         let pending = lock(&shared.pending);
         if pending.partitions.is_empty() {
             return;
@@ -193,7 +199,12 @@ fn flush(consumer: &BaseConsumer<AggregatorContext>, shared: &Shared, partition_
             offsets.next_offsets.push(progress.next_offset);
             offsets.closed_windows_ms.push(progress.closed_window_ms);
         }
-        (pending.commit_rows(), offsets, pending.records)
+        (
+            pending.commit_rows(),
+            offsets,
+            pending.records,
+            pending.duplicates_in_window,
+        )
     };
 
     let outcome = shared.runtime.block_on(commit::commit_window(
@@ -202,9 +213,16 @@ fn flush(consumer: &BaseConsumer<AggregatorContext>, shared: &Shared, partition_
         &shared.topic,
         &rows,
         &offsets,
+        shared.idempotency_window_secs,
     ));
     let committed_summaries = match outcome {
-        Ok(CommitOutcome::Committed(summaries)) => summaries,
+        Ok(CommitOutcome::Committed {
+            summaries,
+            duplicates_absorbed,
+        }) => {
+            metrics::DUPLICATES_ABSORBED.inc_by(duplicates_absorbed + duplicates_in_window);
+            summaries
+        }
         Ok(CommitOutcome::Fenced(partitions)) => {
             metrics::FENCED_COMMITS.inc();
             warn!(kafka.partitions = ?partitions, "another aggregator moved the offsets; rereading from postgres");

@@ -63,6 +63,7 @@ impl Aggregator {
             topic: store.kafka_topic.clone(),
             window: pipeline.window_spec(),
             delta_ttl_ms: (pipeline.delta_ttl_secs * 1_000) as i64,
+            idempotency_window_secs: pipeline.idempotency_window_secs,
             cancel,
             pending: Mutex::new(PendingWindow::default()),
         });
@@ -86,6 +87,12 @@ impl Aggregator {
 
     /// Consumes until `cancel` fires, then commits the current window and leaves the group.
     pub async fn run(self) -> anyhow::Result<()> {
+        let shared = Arc::clone(&self.consumer.context().shared);
+        let pruner = tokio::spawn(prune_expired_keys_periodically(
+            shared.pool.clone(),
+            shared.idempotency_window_secs,
+            shared.cancel.clone(),
+        ));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("tally-aggregator".into())
@@ -94,7 +101,9 @@ impl Aggregator {
                 let _ = done_tx.send(outcome);
             })
             .context("failed to start the aggregator thread")?;
-        done_rx.await.context("the aggregator thread panicked")?
+        let outcome = done_rx.await.context("the aggregator thread panicked")?;
+        pruner.abort();
+        outcome
     }
 
     fn consume(self) -> anyhow::Result<()> {
@@ -117,5 +126,27 @@ impl Aggregator {
         info!(kafka.topic = %self.topic, kafka.partitions = partition_count, "aggregator consuming");
         consumer::run_blocking(self.consumer, partition_count);
         Ok(())
+    }
+}
+
+/// Prunes expired idempotency keys once a minute, off the write path.
+async fn prune_expired_keys_periodically(
+    pool: PgPool,
+    window_secs: u64,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+        match commit::prune_expired_keys(&pool, window_secs).await {
+            Ok(0) => {}
+            Ok(pruned) => info!(
+                idempotency.pruned = pruned,
+                "pruned expired idempotency keys"
+            ),
+            Err(error) => warn!(%error, "failed to prune expired idempotency keys"),
+        }
     }
 }

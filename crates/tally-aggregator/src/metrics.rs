@@ -74,6 +74,14 @@ pub(crate) static FAILED_COMMITS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("the metric should register once")
 });
 
+pub(crate) static DUPLICATES_ABSORBED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tally_aggregator_duplicates_absorbed_total",
+        "Keyed increments not counted because their idempotency key was already applied"
+    )
+    .expect("the metric should register once")
+});
+
 pub(crate) static CONSUMER_LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register_int_gauge_vec!(
         "tally_aggregator_consumer_lag_records",

@@ -42,9 +42,42 @@ impl IdempotencyKey {
     }
 }
 
+/// What an idempotency key was first used for: a retry must name the same counter and amount.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyUse {
+    pub counter: String,
+    pub by: i64,
+}
+
+impl KeyUse {
+    /// `BY:COUNTER`: the amount first, because a counter name may itself contain `:`.
+    pub fn encode(&self) -> String {
+        format!("{}:{}", self.by, self.counter)
+    }
+
+    pub fn decode(encoded: &str) -> Option<Self> {
+        let (by, counter) = encoded.split_once(':')?;
+        Some(Self {
+            counter: counter.to_owned(),
+            by: by.parse().ok()?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_uses_round_trip_with_colons_in_names() {
+        let used = KeyUse {
+            counter: "page:home".into(),
+            by: -3,
+        };
+        assert_eq!(used.encode(), "-3:page:home");
+        assert_eq!(KeyUse::decode("-3:page:home"), Some(used));
+        assert_eq!(KeyUse::decode("garbage"), None);
+    }
 
     #[test]
     fn validates_keys() {

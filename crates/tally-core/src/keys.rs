@@ -13,6 +13,7 @@
 //! | `{}P:s:NAME` | hash | aggregator, replay | PostgreSQL summary: `total`, `version`, `w:W` window sums |
 //! | `{}P:closed` | hash | aggregator, replay | per partition: latest closed window; `partitions` |
 //! | `{}P:meta` | hash | replay | `epoch` and `valid_from`: deltas are complete from this window on |
+//! | `{}P:i:KEY` | string | ingest | `BY:COUNTER` of an idempotency key already acknowledged |
 
 /// The names of the fields in a summary hash.
 pub const SUMMARY_TOTAL_FIELD: &str = "total";
@@ -55,6 +56,10 @@ impl KeySpace {
 
     pub fn meta(&self) -> String {
         format!("{{}}{}:meta", self.prefix)
+    }
+
+    pub fn idempotency(&self, key: &str) -> String {
+        format!("{{}}{}:i:{key}", self.prefix)
     }
 }
 

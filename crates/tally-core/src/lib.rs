@@ -28,10 +28,10 @@ pub mod value;
 pub mod window;
 
 pub use amount::{Amount, AmountError, clamp_to_i64};
-pub use idempotency::{IdempotencyKey, IdempotencyKeyError};
+pub use idempotency::{IdempotencyKey, IdempotencyKeyError, KeyUse};
 pub use keys::KeySpace;
 pub use name::{CounterName, CounterNameError};
-pub use record::{IncrementRecord, RecordError};
+pub use record::{IncrementRecord, KeyedIncrement, RecordError};
 pub use shards::ShardPolicy;
 pub use value::{CounterSummary, combine_value};
 pub use window::WindowSpec;

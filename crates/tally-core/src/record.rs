@@ -2,8 +2,9 @@
 //!
 //! The record key is the counter name's UTF-8 bytes, so every increment of one counter lands in
 //! one partition and stays in order. The value is a small JSON object. One record may carry the
-//! sum of several increments of the same counter (a batch, or coalesced requests); their
-//! idempotency keys travel with it.
+//! sum of several increments of the same counter (a batch, or coalesced requests); the ones that
+//! carry an idempotency key are listed with their own amounts, so the aggregator can drop exactly
+//! the ones it has applied before.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,8 +23,17 @@ pub struct IncrementRecord {
     /// How many API increments this record carries.
     #[serde(rename = "n")]
     pub increments: u32,
+    /// The increments of `by` that carry an idempotency key.
     #[serde(rename = "keys", default, skip_serializing_if = "Vec::is_empty")]
-    pub idempotency_keys: Vec<String>,
+    pub keyed: Vec<KeyedIncrement>,
+}
+
+/// One increment that carries an idempotency key: it counts once however often it is sent.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KeyedIncrement {
+    #[serde(rename = "k")]
+    pub key: String,
+    pub by: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,18 +45,13 @@ pub enum RecordError {
 }
 
 impl IncrementRecord {
-    pub fn new(
-        window_start_ms: i64,
-        by: i64,
-        increments: u32,
-        idempotency_keys: Vec<String>,
-    ) -> Self {
+    pub fn new(window_start_ms: i64, by: i64, increments: u32, keyed: Vec<KeyedIncrement>) -> Self {
         Self {
             format_version: FORMAT_VERSION,
             window_start_ms,
             by,
             increments,
-            idempotency_keys,
+            keyed,
         }
     }
 
@@ -69,11 +74,15 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let record = IncrementRecord::new(1_700_000_000_000, -3, 2, vec!["k1".into()]);
+        let keyed = vec![KeyedIncrement {
+            key: "k1".into(),
+            by: -4,
+        }];
+        let record = IncrementRecord::new(1_700_000_000_000, -3, 2, keyed);
         let bytes = record.encode();
         assert_eq!(
             std::str::from_utf8(&bytes).unwrap(),
-            r#"{"v":1,"w":1700000000000,"by":-3,"n":2,"keys":["k1"]}"#
+            r#"{"v":1,"w":1700000000000,"by":-3,"n":2,"keys":[{"k":"k1","by":-4}]}"#
         );
         assert_eq!(IncrementRecord::decode(&bytes).unwrap(), record);
     }

@@ -87,6 +87,11 @@ pub struct PipelineConfig {
     /// aggregator falls further behind than this.
     #[arg(long, env = "TALLY_DELTA_TTL_SECS", default_value_t = 3_600)]
     pub delta_ttl_secs: u64,
+
+    /// How long an idempotency key is remembered, in seconds: a retry within this window is
+    /// counted once.
+    #[arg(long, env = "TALLY_IDEMPOTENCY_WINDOW_SECS", default_value_t = 86_400)]
+    pub idempotency_window_secs: u64,
 }
 
 impl PipelineConfig {

@@ -19,7 +19,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::post;
 
-pub use service::{CounterIncrements, IngestService, ProduceError};
+pub use service::{CounterIncrements, IncrementItem, IngestError, IngestService, ProduceError};
 
 /// The write routes, with the body size limit applied.
 pub fn router(service: Arc<IngestService>, body_max_bytes: usize) -> Router {

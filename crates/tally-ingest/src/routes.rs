@@ -2,7 +2,6 @@
 //! a request either gets `202` with every increment durable, or an error and nothing counted
 //! (`503` is the one exception: its increments are indeterminate).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -13,10 +12,12 @@ use axum::http::{HeaderMap, StatusCode, header};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use tally_core::{Amount, CounterName, CounterNameError, IdempotencyKey};
+
+use crate::service::ProduceError;
 use tally_infra::Problem;
 use tracing::instrument;
 
-use crate::service::{CounterIncrements, IngestService, ProduceError};
+use crate::service::{IncrementItem, IngestError, IngestService};
 
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
@@ -27,6 +28,9 @@ pub struct IncrementAccepted {
     pub counter: String,
     /// The amount added.
     pub by: i64,
+    /// True when this was a retry of an idempotency key already acknowledged: it was counted
+    /// once, the first time.
+    pub duplicate: bool,
 }
 
 /// `202` for a batch.
@@ -34,6 +38,8 @@ pub struct IncrementAccepted {
 pub struct BatchAccepted {
     /// How many increments were accepted.
     pub accepted: usize,
+    /// How many of them were retries of idempotency keys already acknowledged.
+    pub duplicates: usize,
 }
 
 /// The optional body of `POST /v1/counters/{name}/increment`.
@@ -77,6 +83,7 @@ pub struct BatchRequest {
         (status = 400, description = "Bad name, amount, key or JSON", content_type = "application/problem+json"),
         (status = 413, description = "Body too large", content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", content_type = "application/problem+json"),
+        (status = 422, description = "The idempotency key was first used with another counter or amount", content_type = "application/problem+json"),
         (status = 503, description = "Kafka did not acknowledge in time; the increment is indeterminate", content_type = "application/problem+json"),
     ),
     tag = "increments"
@@ -101,29 +108,29 @@ pub async fn increment_one(
             Some(by) => Amount::from_json(by).map_err(|error| invalid_amount(error.to_string()))?,
         }
     };
-    let idempotency_keys = match headers.get(IDEMPOTENCY_KEY_HEADER) {
-        None => Vec::new(),
-        Some(value) => vec![
+    let idempotency_key = match headers.get(IDEMPOTENCY_KEY_HEADER) {
+        None => None,
+        Some(value) => Some(
             IdempotencyKey::parse(value.as_bytes())
                 .map_err(|error| invalid_idempotency_key(error.to_string()))?
                 .into_string(),
-        ],
+        ),
     };
-    let increment = CounterIncrements {
+    let item = IncrementItem {
         name,
         by: by.get(),
-        increments: 1,
-        idempotency_keys,
+        idempotency_key,
     };
-    service
-        .accept(std::slice::from_ref(&increment))
+    let duplicates = service
+        .accept_items(std::slice::from_ref(&item))
         .await
-        .map_err(unavailable)?;
+        .map_err(ingest_problem)?;
     Ok((
         StatusCode::ACCEPTED,
         Json(IncrementAccepted {
-            counter: increment.name.into_string(),
-            by: by.get(),
+            counter: item.name.into_string(),
+            by: item.by,
+            duplicate: duplicates[0],
         }),
     ))
 }
@@ -138,6 +145,7 @@ pub async fn increment_one(
         (status = 400, description = "Malformed batch, or bad items listed by index", content_type = "application/problem+json"),
         (status = 413, description = "Body too large", content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", content_type = "application/problem+json"),
+        (status = 422, description = "An idempotency key was first used with another counter or amount", content_type = "application/problem+json"),
         (status = 503, description = "Kafka did not acknowledge in time; the batch's increments are indeterminate", content_type = "application/problem+json"),
     ),
     tag = "increments"
@@ -172,38 +180,29 @@ pub async fn increment_batch(
             ),
         ));
     }
-    let counters = validate_batch(items)?;
-    service.accept(&counters).await.map_err(unavailable)?;
+    let items = validate_batch(items)?;
+    let duplicates = service.accept_items(&items).await.map_err(ingest_problem)?;
+    let duplicates = duplicates.iter().filter(|duplicate| **duplicate).count();
     Ok((
         StatusCode::ACCEPTED,
         Json(BatchAccepted {
             accepted: items.len(),
+            duplicates,
         }),
     ))
 }
 
-/// Validates every item, and groups the valid batch by counter: one record per counter.
-fn validate_batch(items: &[Value]) -> Result<Vec<CounterIncrements>, Problem> {
+/// Validates every item; one bad item rejects the whole batch.
+fn validate_batch(items: &[Value]) -> Result<Vec<IncrementItem>, Problem> {
     let mut errors = Vec::new();
-    let mut by_counter: HashMap<CounterName, CounterIncrements> = HashMap::new();
-    let mut order = Vec::new();
+    let mut valid = Vec::with_capacity(items.len());
     for (index, item) in items.iter().enumerate() {
         match validate_item(item) {
-            Ok((name, by, key)) => {
-                let entry = by_counter.entry(name.clone()).or_insert_with(|| {
-                    order.push(name.clone());
-                    CounterIncrements {
-                        name,
-                        by: 0,
-                        increments: 0,
-                        idempotency_keys: Vec::new(),
-                    }
-                });
-                // At most 10,000 items of at most 10^12 each: the sum fits in i64.
-                entry.by += by;
-                entry.increments += 1;
-                entry.idempotency_keys.extend(key);
-            }
+            Ok((name, by, idempotency_key)) => valid.push(IncrementItem {
+                name,
+                by,
+                idempotency_key,
+            }),
             Err((field, detail)) => {
                 errors.push(json!({ "index": index, "field": field, "detail": detail }))
             }
@@ -225,10 +224,7 @@ fn validate_batch(items: &[Value]) -> Result<Vec<CounterIncrements>, Problem> {
         )
         .with_extension("errors", Value::Array(errors)));
     }
-    Ok(order
-        .into_iter()
-        .map(|name| by_counter.remove(&name).expect("every name was inserted"))
-        .collect())
+    Ok(valid)
 }
 
 type ItemError = (&'static str, String);
@@ -412,7 +408,19 @@ fn body_rejection(rejection: BytesRejection) -> Problem {
     )
 }
 
-fn unavailable(error: ProduceError) -> Problem {
+fn ingest_problem(error: IngestError) -> Problem {
+    let error = match error {
+        IngestError::KeyReused { index, .. } => {
+            return Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency-key-reused",
+                "Idempotency key reused for another increment",
+                error.to_string(),
+            )
+            .with_extension("index", json!(index));
+        }
+        IngestError::Unavailable(error) => error,
+    };
     let detail = match &error {
         ProduceError::QueueFull => format!("{error}; retry later"),
         _ => format!("{error}; retry with the same Idempotency-Key"),

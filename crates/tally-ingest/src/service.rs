@@ -1,6 +1,7 @@
 //! Where an increment enters: produce to Kafka, wait for the acknowledgement, then `INCRBY` one
 //! of the counter's Redis shard keys. Only then may the caller answer `202`.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -9,13 +10,24 @@ use rand::Rng as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use redis::aio::ConnectionManager;
-use tally_core::{CounterName, IncrementRecord, KeySpace, WindowSpec, scripts};
+use sqlx::PgPool;
+use tally_core::{
+    CounterName, IncrementRecord, KeySpace, KeyUse, KeyedIncrement, WindowSpec, scripts,
+};
 use tally_infra::clock::now_ms;
 use tally_infra::config::{IngestConfig, PipelineConfig, StoreConfig};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::hot_names::HotNames;
 use crate::metrics;
+
+/// One increment as the API received it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IncrementItem {
+    pub name: CounterName,
+    pub by: i64,
+    pub idempotency_key: Option<String>,
+}
 
 /// Increments of one counter that travel as one Kafka record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,7 +35,23 @@ pub struct CounterIncrements {
     pub name: CounterName,
     pub by: i64,
     pub increments: u32,
-    pub idempotency_keys: Vec<String>,
+    pub keyed: Vec<KeyedIncrement>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Unavailable(#[from] ProduceError),
+    /// An idempotency key came back with another counter or amount than it was first used for.
+    #[error(
+        "the idempotency key `{key}` was first used for counter `{}` with by {}; a retry must send the same counter and amount",
+        first_use.counter, first_use.by
+    )]
+    KeyReused {
+        index: usize,
+        key: String,
+        first_use: KeyUse,
+    },
 }
 
 /// Kafka did not acknowledge every record in time. Each affected increment is indeterminate:
@@ -41,11 +69,13 @@ pub enum ProduceError {
 pub struct IngestService {
     producer: FutureProducer,
     redis: ConnectionManager,
+    pool: PgPool,
     keys: KeySpace,
     topic: String,
     window: WindowSpec,
     produce_timeout: Duration,
     delta_ttl_secs: u64,
+    idempotency_window_secs: u64,
     /// std Mutex: held only for a map update, never across an await.
     hot_names: Mutex<HotNames>,
     pub(crate) batch_max_items: usize,
@@ -55,6 +85,7 @@ impl IngestService {
     pub fn new(
         producer: FutureProducer,
         redis: ConnectionManager,
+        pool: PgPool,
         store: &StoreConfig,
         pipeline: &PipelineConfig,
         config: &IngestConfig,
@@ -62,11 +93,13 @@ impl IngestService {
         Self {
             producer,
             redis,
+            pool,
             keys: store.key_space(),
             topic: store.kafka_topic.clone(),
             window: pipeline.window_spec(),
             produce_timeout: pipeline.produce_timeout(),
             delta_ttl_secs: pipeline.delta_ttl_secs,
+            idempotency_window_secs: pipeline.idempotency_window_secs,
             hot_names: Mutex::new(HotNames::new(config.shard_policy())),
             batch_max_items: config.batch_max_items,
         }
@@ -74,6 +107,120 @@ impl IngestService {
 
     pub fn producer(&self) -> &FutureProducer {
         &self.producer
+    }
+
+    /// Accepts the increments of one request. Returns, per item, whether it was a retry of an
+    /// idempotency key already acknowledged (and so not counted again).
+    pub async fn accept_items(&self, items: &[IncrementItem]) -> Result<Vec<bool>, IngestError> {
+        let mut key_uses = self.known_key_uses(items).await;
+        let mut duplicates = vec![false; items.len()];
+        let mut records: Vec<CounterIncrements> = Vec::new();
+        let mut record_of_counter: HashMap<&CounterName, usize> = HashMap::new();
+        for (index, item) in items.iter().enumerate() {
+            if let Some(key) = &item.idempotency_key {
+                let this_use = KeyUse {
+                    counter: item.name.to_string(),
+                    by: item.by,
+                };
+                match key_uses.get(key) {
+                    Some(first_use) if *first_use == this_use => {
+                        duplicates[index] = true;
+                        continue;
+                    }
+                    Some(first_use) => {
+                        return Err(IngestError::KeyReused {
+                            index,
+                            key: key.clone(),
+                            first_use: first_use.clone(),
+                        });
+                    }
+                    None => {
+                        key_uses.insert(key.clone(), this_use);
+                    }
+                }
+            }
+            let record = *record_of_counter.entry(&item.name).or_insert_with(|| {
+                records.push(CounterIncrements {
+                    name: item.name.clone(),
+                    by: 0,
+                    increments: 0,
+                    keyed: Vec::new(),
+                });
+                records.len() - 1
+            });
+            let record = &mut records[record];
+            // At most 10,000 items of at most 10^12 each: the sum fits in i64.
+            record.by += item.by;
+            record.increments += 1;
+            if let Some(key) = &item.idempotency_key {
+                record.keyed.push(KeyedIncrement {
+                    key: key.clone(),
+                    by: item.by,
+                });
+            }
+        }
+        if !records.is_empty() {
+            self.accept(&records).await?;
+        }
+        Ok(duplicates)
+    }
+
+    /// What the request's idempotency keys were used for, where that is known: Redis answers
+    /// for keys acknowledged recently, PostgreSQL for keys already applied. A key neither knows
+    /// is new here; if it is in fact in flight, the aggregator still applies it only once.
+    async fn known_key_uses(&self, items: &[IncrementItem]) -> HashMap<String, KeyUse> {
+        let mut keys: Vec<&str> = items
+            .iter()
+            .filter_map(|item| item.idempotency_key.as_deref())
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut known = HashMap::new();
+        if keys.is_empty() {
+            return known;
+        }
+        let mut redis = self.redis.clone();
+        let redis_keys: Vec<String> = keys.iter().map(|key| self.keys.idempotency(key)).collect();
+        match redis::cmd("MGET")
+            .arg(&redis_keys)
+            .query_async::<Vec<Option<String>>>(&mut redis)
+            .await
+        {
+            Ok(uses) => {
+                for (key, encoded) in keys.iter().zip(uses) {
+                    if let Some(key_use) = encoded.as_deref().and_then(KeyUse::decode) {
+                        known.insert((*key).to_owned(), key_use);
+                    }
+                }
+            }
+            Err(error) => debug!(%error, "redis could not say which idempotency keys it knows"),
+        }
+        let unknown: Vec<&str> = keys
+            .into_iter()
+            .filter(|key| !known.contains_key(*key))
+            .collect();
+        if unknown.is_empty() {
+            return known;
+        }
+        let applied: Result<Vec<(String, String, i64)>, sqlx::Error> = sqlx::query_as(
+            "SELECT key, counter, by FROM idempotency_keys
+             WHERE key = ANY($1) AND applied_at > now() - make_interval(secs => $2)",
+        )
+        .bind(&unknown)
+        .bind(self.idempotency_window_secs as f64)
+        .fetch_all(&self.pool)
+        .await;
+        match applied {
+            Ok(rows) => {
+                for (key, counter, by) in rows {
+                    known.insert(key, KeyUse { counter, by });
+                }
+            }
+            Err(error) => {
+                debug!(%error, "postgres could not say which idempotency keys it applied")
+            }
+        }
+        known
     }
 
     /// Makes the increments durable in Kafka, then adds them to Redis. Returns once every
@@ -87,7 +234,7 @@ impl IngestService {
                     window_start_ms,
                     counter.by,
                     counter.increments,
-                    counter.idempotency_keys.clone(),
+                    counter.keyed.clone(),
                 )
                 .encode()
             })
@@ -170,8 +317,25 @@ impl IngestService {
                 .lock()
                 .expect("the hot names lock should never be poisoned");
             let mut random = rand::rng();
-            for counter in batch.iter().filter(|counter| counter.by != 0) {
+            for counter in batch {
                 let name = counter.name.as_str();
+                for keyed in &counter.keyed {
+                    let key_use = KeyUse {
+                        counter: name.to_owned(),
+                        by: keyed.by,
+                    };
+                    pipeline
+                        .set_ex(
+                            self.keys.idempotency(&keyed.key),
+                            key_use.encode(),
+                            self.idempotency_window_secs,
+                        )
+                        .ignore();
+                    commands += 1;
+                }
+                if counter.by == 0 {
+                    continue;
+                }
                 let choice =
                     hot_names.observe(name, counter.increments as u64, now, window_start_ms);
                 metrics::SHARD_COUNT.observe(choice.shard_count as f64);

@@ -56,6 +56,7 @@ impl App {
             let service = IngestService::new(
                 kafka_producer,
                 redis.clone(),
+                pool.clone(),
                 &args.store,
                 &args.pipeline,
                 &args.ingest,
