@@ -172,3 +172,35 @@ pub struct AggregatorConfig {
     )]
     pub aggregator_group: String,
 }
+
+/// Who may write, and how fast.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SecurityConfig {
+    /// API keys accepted on the write routes as `Authorization: Bearer KEY`, comma separated.
+    /// Empty: writes need no key.
+    #[arg(
+        long,
+        env = "TALLY_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+
+    /// Token the admin routes require as `Authorization: Bearer TOKEN`. Unset: admin routes are
+    /// disabled.
+    #[arg(long, env = "TALLY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Write requests per second each client (API key, else IP address) may send. 0 turns the
+    /// limit off.
+    #[arg(long, env = "TALLY_RATE_LIMIT_PER_SECOND", default_value_t = 0)]
+    pub rate_limit_per_second: u32,
+
+    /// Requests a client may send at once above its steady rate.
+    #[arg(long, env = "TALLY_RATE_LIMIT_BURST", default_value_t = 1_000)]
+    pub rate_limit_burst: u32,
+
+    /// Largest total size of a request's headers, in bytes.
+    #[arg(long, env = "TALLY_HEADER_MAX_BYTES", default_value_t = 16_384)]
+    pub header_max_bytes: usize,
+}

@@ -2,7 +2,8 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tally_infra::config::{
-    AggregatorConfig, HttpConfig, IngestConfig, PipelineConfig, ReadConfig, StoreConfig,
+    AggregatorConfig, HttpConfig, IngestConfig, PipelineConfig, ReadConfig, SecurityConfig,
+    StoreConfig,
 };
 
 /// Tally: an exact, fast distributed counter service.
@@ -25,7 +26,8 @@ pub enum Command {
 
 /// A role one process can play. Roles are stateless except for the aggregator's partitions,
 /// so each can be scaled on its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     /// The write routes: Kafka, then Redis, then 202.
     Ingest,
@@ -70,6 +72,8 @@ pub struct ServeArgs {
     pub read: ReadConfig,
     #[command(flatten)]
     pub aggregator: AggregatorConfig,
+    #[command(flatten)]
+    pub security: SecurityConfig,
 }
 
 #[derive(Debug, Clone, Args)]

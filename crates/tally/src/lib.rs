@@ -13,9 +13,11 @@
 //! | `tally-infra` | connections, configuration, problem+json, metrics |
 //!
 //! This crate wires them together: [`cli`] for the commands and their flags, [`server`] for
-//! `tally serve`, [`health`] and [`openapi`] for the operational routes.
+//! `tally serve`, [`guard`] for API keys, rate limits and the admin token, [`health`] and
+//! [`openapi`] for the operational routes.
 
 pub mod cli;
+pub mod guard;
 pub mod health;
 mod http_metrics;
 pub mod openapi;

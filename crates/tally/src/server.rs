@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::cli::{Role, ServeArgs};
+use crate::guard::{self, WriteGuard};
 use crate::health::{self, Dependencies};
 use crate::{http_metrics, openapi};
 
@@ -30,6 +31,7 @@ pub struct App {
     producer: Option<FutureProducer>,
     aggregator: Option<Aggregator>,
     auto_replay: Option<ReplayJob>,
+    write_guard: Arc<WriteGuard>,
     window_ms: u64,
     shutdown_timeout: Duration,
     cancel: CancellationToken,
@@ -50,6 +52,7 @@ impl App {
 
         let mut router = Router::new();
         let mut producer = None;
+        let write_guard = Arc::new(WriteGuard::new(&args.security));
         if args.runs(Role::Ingest) {
             let kafka_producer = tally_infra::kafka::producer(&args.store, &args.pipeline)?;
             producer = Some(kafka_producer.clone());
@@ -61,10 +64,12 @@ impl App {
                 &args.pipeline,
                 &args.ingest,
             );
-            router = router.merge(tally_ingest::router(
-                Arc::new(service),
-                args.ingest.body_max_bytes,
-            ));
+            let writes = tally_ingest::router(Arc::new(service), args.ingest.body_max_bytes)
+                .route_layer(axum::middleware::from_fn_with_state(
+                    Arc::clone(&write_guard),
+                    guard::guard_writes,
+                ));
+            router = router.merge(writes);
         }
         if args.runs(Role::Read) {
             let service = ReadService::new(
@@ -103,15 +108,22 @@ impl App {
             pool,
             kafka: kafka_metadata,
         });
+        let admin = admin_router(&args);
         let router = router
             .route("/healthz", get(health::healthz))
             .route("/readyz", get(health::readyz).with_state(dependencies))
             .route("/metrics", get(openapi::metrics))
             .route("/openapi.json", get(openapi::openapi_json))
+            .merge(admin)
             // An empty name has no segment for the router to match; answer it as a bad name.
             .route("/v1/counters//increment", post(empty_name))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
+            .layer(axum::middleware::from_fn(guard::add_bearer_challenge))
+            .layer(axum::middleware::from_fn_with_state(
+                args.security.header_max_bytes,
+                guard::cap_header_size,
+            ))
             .layer(axum::middleware::from_fn(http_metrics::track));
 
         let listener = TcpListener::bind(args.http.http_addr)
@@ -123,6 +135,7 @@ impl App {
             producer,
             aggregator,
             auto_replay,
+            write_guard,
             window_ms: args.pipeline.window_ms,
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
             cancel,
@@ -146,8 +159,16 @@ impl App {
         if let Some(replay) = self.auto_replay {
             tasks.spawn(heal_lost_redis(replay, self.window_ms, self.cancel.clone()));
         }
+        tasks.spawn(forget_idle_clients(
+            Arc::clone(&self.write_guard),
+            self.cancel.clone(),
+        ));
         let cancel = self.cancel.clone();
-        let server = axum::serve(self.listener, self.router)
+        // Connection info gives the rate limiter each client's address.
+        let service = self
+            .router
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let server = axum::serve(self.listener, service)
             .with_graceful_shutdown(async move { cancel.cancelled().await });
         tasks.spawn(async move { server.await.context("the http server failed") });
 
@@ -230,6 +251,41 @@ async fn heal_lost_redis(
             _ = tokio::time::sleep(Duration::from_millis(window_ms)) => {}
         }
     }
+}
+
+async fn forget_idle_clients(
+    write_guard: Arc<WriteGuard>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(guard::LIMITER_CLEANUP_INTERVAL) => write_guard.forget_idle_clients(),
+        }
+    }
+}
+
+/// The admin routes, behind the admin token. Admin operations that change counters (audited
+/// set and reset) will live here too.
+fn admin_router(args: &ServeArgs) -> Router {
+    let status = serde_json::json!({
+        "roles": args.roles,
+        "kafka_topic": args.store.kafka_topic,
+        "aggregator_group": args.aggregator.aggregator_group,
+        "window_ms": args.pipeline.window_ms,
+        "produce_timeout_ms": args.pipeline.produce_timeout_ms,
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    let admin_token: Option<Arc<str>> = args.security.admin_token.as_deref().map(Arc::from);
+    Router::new()
+        .route(
+            "/v1/admin/status",
+            get(move || async move { axum::Json(status) }),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            admin_token,
+            guard::guard_admin,
+        ))
 }
 
 async fn empty_name() -> Problem {

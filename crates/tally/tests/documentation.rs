@@ -40,7 +40,7 @@ fn the_readme_documents_every_setting_with_its_default() {
             .lines()
             .find(|line| line.starts_with(&format!("| `{variable}` |")))
             .unwrap_or_else(|| panic!("the README's configuration table lacks {variable}"));
-        if let Some(default) = default {
+        if let Some(default) = default.filter(|default| !default.is_empty()) {
             assert!(
                 row.contains(&format!("`{default}`")),
                 "the README gives another default for {variable}: {row}"
@@ -145,10 +145,13 @@ async fn the_readme_curl_walkthrough_works() {
         "{printed}"
     );
     assert!(
-        printed.contains(r#"{"counter":"page:home","by":5}"#),
+        printed.contains(r#"{"counter":"page:home","by":5,"duplicate":false}"#),
         "{printed}"
     );
-    assert!(printed.contains(r#"{"accepted":2}"#), "{printed}");
+    assert!(
+        printed.contains(r#"{"accepted":2,"duplicates":0}"#),
+        "{printed}"
+    );
     let reads = readme_block("reads");
     wait_until(
         Duration::from_secs(10),

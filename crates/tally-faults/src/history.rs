@@ -1,0 +1,187 @@
+//! What one scenario saw: every increment with its outcome, every read with its value, and the
+//! faults the runner injected, each with when it started and ended.
+//!
+//! Times are offsets from the moment the scenario's load started (one monotonic clock for the
+//! whole scenario), so the checker can compare them directly.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+/// How a group of clients treats an increment whose outcome it does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ClientMode {
+    /// No idempotency key, one attempt per increment. An indeterminate increment stays
+    /// indeterminate, so the checker only knows it counted zero times or once.
+    SingleAttempt,
+    /// Every increment carries an `Idempotency-Key` and is retried with the same key until Tally
+    /// acknowledges it, so the final value must equal the exact sum of every intended increment.
+    RetryWithSameKey,
+}
+
+impl ClientMode {
+    pub const ALL: [ClientMode; 2] = [ClientMode::SingleAttempt, ClientMode::RetryWithSameKey];
+
+    /// The prefix of the counter names this mode's clients use.
+    pub fn counter_prefix(self) -> &'static str {
+        match self {
+            ClientMode::SingleAttempt => "single-attempt",
+            ClientMode::RetryWithSameKey => "retry-same-key",
+        }
+    }
+}
+
+impl fmt::Display for ClientMode {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.counter_prefix())
+    }
+}
+
+/// What finally became of one intended increment (over all its attempts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IncrementOutcome {
+    /// Tally answered `202` at `acked_at`: it must be counted exactly once.
+    Acknowledged { acked_at: Duration },
+    /// Tally answered `4xx`, or the request was never sent (connection refused): it must not be
+    /// counted at all.
+    Failed,
+    /// `503`, another `5xx`, a timeout or a connection lost after sending: it may count once or
+    /// not at all, never twice.
+    Indeterminate,
+}
+
+/// One intended increment of one counter. For a retried increment, `invoked_at` is when its
+/// first attempt was sent and the outcome is the best any attempt reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncrementRecord {
+    pub counter: String,
+    /// Always positive in the checked workload, so every bound only ever grows.
+    pub by: i64,
+    pub invoked_at: Duration,
+    pub outcome: IncrementOutcome,
+}
+
+impl IncrementRecord {
+    pub fn acked_at(&self) -> Option<Duration> {
+        match self.outcome {
+            IncrementOutcome::Acknowledged { acked_at } => Some(acked_at),
+            _ => None,
+        }
+    }
+
+    /// Whether this increment may be part of a value: acknowledged or indeterminate.
+    pub fn may_count(&self) -> bool {
+        !matches!(self.outcome, IncrementOutcome::Failed)
+    }
+}
+
+/// One successful `GET /v1/counters/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadRecord {
+    pub counter: String,
+    pub invoked_at: Duration,
+    pub completed_at: Duration,
+    pub value: i64,
+    /// `cache`, `redis` or `postgres`.
+    pub source: String,
+    /// `true` when Tally says the value comes from PostgreSQL and lags the increments not yet
+    /// aggregated.
+    pub stale: bool,
+    /// Whether the read asked for `?fresh=true` (skip the in-process cache).
+    pub fresh: bool,
+}
+
+/// The faults the runner injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultKind {
+    /// `kill -9` an aggregator process, then start it again.
+    KillAggregator,
+    /// Stop the Kafka broker (SIGTERM, controlled shutdown), then start it again.
+    RestartKafka,
+    /// Stop Redis and start it again empty (the local Redis keeps nothing on disk).
+    RestartRedisEmpty,
+    /// Stop PostgreSQL (fast shutdown), then start it again.
+    RestartPostgres,
+    /// SIGTERM the ingest and read process under load, wait for its clean exit, start it again.
+    SigtermIngest,
+    /// SIGSTOP an aggregator process, then SIGCONT it.
+    PauseAggregator,
+    /// SIGSTOP Redis, then SIGCONT it.
+    PauseRedis,
+}
+
+impl FaultKind {
+    /// Faults during which the aggregator may commit nothing to PostgreSQL, so a value read from
+    /// PostgreSQL may lag by the length of the fault plus the aggregator's recovery.
+    ///
+    /// The Redis faults are here too: after each commit the aggregator copies summaries to Redis,
+    /// and a Redis that does not answer may hold it up. Only the ingest restart leaves the
+    /// aggregation alone.
+    pub fn stalls_aggregation(self) -> bool {
+        !matches!(self, FaultKind::SigtermIngest)
+    }
+
+    /// Faults during which the ingest's `INCRBY` after the Kafka ack can fail. Tally still
+    /// answers `202`, and documents that reads then miss the increment until its window closes
+    /// and the aggregator has committed it (README, "If Redis fails in step 3").
+    pub fn may_drop_redis_deltas(self) -> bool {
+        matches!(self, FaultKind::RestartRedisEmpty | FaultKind::PauseRedis)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::KillAggregator => "kill -9 aggregator",
+            FaultKind::RestartKafka => "restart kafka",
+            FaultKind::RestartRedisEmpty => "restart redis empty",
+            FaultKind::RestartPostgres => "restart postgres",
+            FaultKind::SigtermIngest => "sigterm ingest",
+            FaultKind::PauseAggregator => "pause aggregator",
+            FaultKind::PauseRedis => "pause redis",
+        }
+    }
+}
+
+/// One injected fault: from the moment it began to the moment the runner had undone it (the
+/// process restarted, the server up again, the process continued).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultRecord {
+    pub kind: FaultKind,
+    pub started_at: Duration,
+    pub healed_at: Duration,
+}
+
+/// Counts of increment attempts, for the report. A batch attempt counts once per item.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AttemptTally {
+    pub attempts: u64,
+    pub acknowledged: u64,
+    pub failed: u64,
+    pub indeterminate: u64,
+    /// `202` answers that said `"duplicate": true`: a retry Tally recognised and counted once.
+    pub duplicates_absorbed: u64,
+    /// Answers our valid requests should never get (`500`, `422`, a `4xx`, a duplicate on a
+    /// first attempt), by description.
+    pub unexpected: BTreeMap<String, u64>,
+}
+
+impl AttemptTally {
+    pub fn merge(&mut self, other: &AttemptTally) {
+        self.attempts += other.attempts;
+        self.acknowledged += other.acknowledged;
+        self.failed += other.failed;
+        self.indeterminate += other.indeterminate;
+        self.duplicates_absorbed += other.duplicates_absorbed;
+        for (what, count) in &other.unexpected {
+            *self.unexpected.entry(what.clone()).or_default() += count;
+        }
+    }
+
+    pub fn note_unexpected(&mut self, what: impl Into<String>, items: u64) {
+        *self.unexpected.entry(what.into()).or_default() += items;
+    }
+}
+
+/// Formats an offset from the start of the load as seconds, e.g. `3.214s`.
+pub fn seconds(offset: Duration) -> String {
+    format!("{:.3}s", offset.as_secs_f64())
+}
