@@ -15,6 +15,14 @@ pub(crate) static INCREMENTS_ACCEPTED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("the metric should register once")
 });
 
+pub(crate) static RECORDS_PRODUCED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tally_ingest_records_produced_total",
+        "Kafka records acknowledged; each holds one counter's increments of one group commit"
+    )
+    .expect("the metric should register once")
+});
+
 pub(crate) static KAFKA_ACK_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
         "tally_ingest_kafka_ack_seconds",

@@ -2,7 +2,7 @@
 //! of the counter's Redis shard keys. Only then may the caller answer `202`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -18,6 +18,7 @@ use tally_infra::clock::now_ms;
 use tally_infra::config::{IngestConfig, PipelineConfig, StoreConfig};
 use tracing::{debug, warn};
 
+use crate::group_commit::{self, GroupCommit};
 use crate::hot_names::HotNames;
 use crate::metrics;
 
@@ -56,7 +57,7 @@ pub enum IngestError {
 
 /// Kafka did not acknowledge every record in time. Each affected increment is indeterminate:
 /// it may or may not have been written, and it counts at most once.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ProduceError {
     #[error("kafka did not acknowledge the increment within {0:?}; it is indeterminate")]
     Timeout(Duration),
@@ -78,6 +79,7 @@ pub struct IngestService {
     idempotency_window_secs: u64,
     /// std Mutex: held only for a map update, never across an await.
     hot_names: Mutex<HotNames>,
+    group_commit: GroupCommit,
     pub(crate) batch_max_items: usize,
 }
 
@@ -101,6 +103,7 @@ impl IngestService {
             delta_ttl_secs: pipeline.delta_ttl_secs,
             idempotency_window_secs: pipeline.idempotency_window_secs,
             hot_names: Mutex::new(HotNames::new(config.shard_policy())),
+            group_commit: GroupCommit::default(),
             batch_max_items: config.batch_max_items,
         }
     }
@@ -111,7 +114,10 @@ impl IngestService {
 
     /// Accepts the increments of one request. Returns, per item, whether it was a retry of an
     /// idempotency key already acknowledged (and so not counted again).
-    pub async fn accept_items(&self, items: &[IncrementItem]) -> Result<Vec<bool>, IngestError> {
+    pub async fn accept_items(
+        self: &Arc<Self>,
+        items: &[IncrementItem],
+    ) -> Result<Vec<bool>, IngestError> {
         let mut key_uses = self.known_key_uses(items).await;
         let mut duplicates = vec![false; items.len()];
         let mut records: Vec<CounterIncrements> = Vec::new();
@@ -223,33 +229,62 @@ impl IngestService {
         known
     }
 
-    /// Makes the increments durable in Kafka, then adds them to Redis. Returns once every
-    /// record is acknowledged; on error none of them may be reported as accepted.
-    pub async fn accept(&self, batch: &[CounterIncrements]) -> Result<(), ProduceError> {
-        let window_start_ms = self.window.start_of(now_ms());
-        let records: Vec<Vec<u8>> = batch
-            .iter()
-            .map(|counter| {
-                IncrementRecord::new(
-                    window_start_ms,
-                    counter.by,
-                    counter.increments,
-                    counter.keyed.clone(),
-                )
-                .encode()
-            })
-            .collect();
-        let acknowledgements = batch
-            .iter()
-            .zip(&records)
-            .map(|(counter, payload)| self.produce(counter.name.as_str(), payload));
-        let outcomes = join_all(acknowledgements).await;
-        if let Some(error) = outcomes.into_iter().find_map(Result::err) {
-            return Err(error);
+    /// Makes the increments durable in Kafka, then adds them to Redis. Returns once the records
+    /// holding them are acknowledged; on error none of them may be reported as accepted.
+    pub async fn accept(self: &Arc<Self>, batch: &[CounterIncrements]) -> Result<(), ProduceError> {
+        let outcomes = join_all(batch.iter().map(|increments| {
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            if self.group_commit.enqueue(increments.clone(), done_tx) {
+                tokio::spawn(Arc::clone(self).produce_groups(increments.name.clone()));
+            }
+            done_rx
+        }))
+        .await;
+        for outcome in outcomes {
+            // A closed channel means the producing task died: the record may or may not exist.
+            outcome.unwrap_or(Err(ProduceError::Timeout(self.produce_timeout)))?;
         }
-        self.add_to_redis(batch, window_start_ms).await;
-        let accepted: u64 = batch.iter().map(|counter| counter.increments as u64).sum();
-        metrics::INCREMENTS_ACCEPTED.inc_by(accepted);
+        Ok(())
+    }
+
+    /// Produces one counter's groups, one record at a time, until nothing waits.
+    async fn produce_groups(self: Arc<Self>, name: CounterName) {
+        // If this task ends any other way than by running out of work, the counter's queue must
+        // not stay behind: later increments would wait for a task that no longer exists.
+        struct AbandonOnUnwind<'a>(&'a GroupCommit, &'a CounterName, bool);
+        impl Drop for AbandonOnUnwind<'_> {
+            fn drop(&mut self) {
+                if !self.2 {
+                    self.0.abandon(self.1);
+                }
+            }
+        }
+        let mut guard = AbandonOnUnwind(&self.group_commit, &name, false);
+        while let Some(group) = self.group_commit.next_group(&name) {
+            let merged = group_commit::merge(&group);
+            let outcome = self.produce_and_count(&merged).await;
+            for (_, done_tx) in group {
+                let _ = done_tx.send(outcome.clone());
+            }
+        }
+        guard.2 = true;
+    }
+
+    /// One record: produce it, wait for the acknowledgement, then `INCRBY`.
+    async fn produce_and_count(&self, increments: &CounterIncrements) -> Result<(), ProduceError> {
+        let window_start_ms = self.window.start_of(now_ms());
+        let payload = IncrementRecord::new(
+            window_start_ms,
+            increments.by,
+            increments.increments,
+            increments.keyed.clone(),
+        )
+        .encode();
+        self.produce(increments.name.as_str(), &payload).await?;
+        self.add_to_redis(std::slice::from_ref(increments), window_start_ms)
+            .await;
+        metrics::RECORDS_PRODUCED.inc();
+        metrics::INCREMENTS_ACCEPTED.inc_by(increments.increments as u64);
         Ok(())
     }
 

@@ -1,0 +1,794 @@
+//! The Jepsen counter rules, applied to one counter's history.
+//!
+//! With only positive increments, a read is correct when it lies between
+//! - the **lower bound**: the sum of the acknowledged increments acknowledged more than the
+//!   allowed staleness before the read started (a read may lag, but only by so much), and
+//! - the **upper bound**: the sum of the acknowledged and indeterminate increments sent before
+//!   the read completed (a read can never see an increment twice, or one not yet sent).
+//!
+//! After the load, once the pipeline has drained, the final value must lie in
+//! `[sum acknowledged, sum acknowledged + sum indeterminate]`; when clients retried every
+//! indeterminate increment with its idempotency key until it was acknowledged, it must equal the
+//! exact sum of every intended increment.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::history::{
+    ClientMode, FaultRecord, IncrementOutcome, IncrementRecord, ReadRecord, seconds,
+};
+
+/// The Tally settings the allowances derive from. The runner passes the same values to every
+/// Tally process it starts, so the checker and the system agree on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PipelineTiming {
+    /// `--window-ms`: the aggregator commits once per window.
+    pub window: Duration,
+    /// `--produce-timeout-ms`: no record of a window reaches Kafka later than this after it.
+    pub produce_timeout: Duration,
+    /// `--clock-skew-ms`: windows close this much later still.
+    pub clock_skew: Duration,
+    /// `--read-cache-ttl-ms`: a `cache` read is at most this old.
+    pub read_cache_ttl: Duration,
+    /// The aggregator's Kafka `session.timeout.ms` (fixed at 10 s in tally-aggregator). A member
+    /// killed with `kill -9` keeps its partitions until its session expires, so a restarted
+    /// aggregator may wait this long before it consumes again.
+    pub aggregator_session_timeout: Duration,
+}
+
+impl PipelineTiming {
+    /// The suite's settings: short windows so every scenario drains in seconds.
+    pub const SUITE: PipelineTiming = PipelineTiming {
+        window: Duration::from_millis(1_000),
+        produce_timeout: Duration::from_millis(2_000),
+        clock_skew: Duration::from_millis(200),
+        read_cache_ttl: Duration::from_millis(1_000),
+        aggregator_session_timeout: Duration::from_secs(10),
+    };
+
+    /// A window closes this long after it ends: every record stamped with it is in Kafka by then.
+    pub fn window_close_delay(&self) -> Duration {
+        self.produce_timeout + self.clock_skew
+    }
+}
+
+/// Time this 2-core machine, shared with other test runs, may add between an event and our
+/// clock reading: an HTTP round trip, a task waiting for a CPU.
+pub const SCHEDULING_SLACK: Duration = Duration::from_secs(1);
+
+/// Extra time for the aggregator's commit of a closed window to reach PostgreSQL: one
+/// transaction plus the Redis summary copies, on a loaded machine.
+pub const COMMIT_SLACK: Duration = Duration::from_secs(3);
+
+/// Time for a restarted Tally process to start, connect to the stores and load its topic
+/// metadata before it does anything useful.
+pub const PROCESS_START_SLACK: Duration = Duration::from_secs(3);
+
+/// `TALLY_REDIS_TIMEOUT_MS` (500 ms by default): an `INCRBY` begun just before a Redis fault
+/// healed may still fail this much later.
+pub const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How far behind the increments a read may be. Every allowance is explicit, with the reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StalenessAllowances {
+    /// A read that is not flagged stale (`redis`, or a `cache` copy of one): Redis has an
+    /// acknowledged increment before its `202`, so only the read cache's TTL separates them.
+    pub fresh_read: Duration,
+    /// A read flagged `stale: true` (`postgres`, or a `cache` copy of one), and any read of an
+    /// increment whose Redis delta may have been lost to a Redis fault: PostgreSQL has an
+    /// increment once its window has closed and the aggregator has committed it.
+    pub stale_read: Duration,
+    /// An increment acknowledged up to this long after a Redis fault healed may still have lost
+    /// its Redis delta.
+    pub redis_delta_loss_margin: Duration,
+    /// Added, on top of the fault's own length, for every fault that stalled the aggregation
+    /// between an increment's acknowledgement and a read that depends on PostgreSQL.
+    pub aggregation_recovery: Duration,
+}
+
+impl StalenessAllowances {
+    pub fn for_timing(timing: &PipelineTiming) -> Self {
+        StalenessAllowances {
+            fresh_read: timing.read_cache_ttl + SCHEDULING_SLACK,
+            // The increment's own window (up to one window long), the close delay, one more
+            // window because the aggregator commits once per window, and the commit itself.
+            stale_read: timing.window
+                + timing.window_close_delay()
+                + timing.window
+                + COMMIT_SLACK
+                + SCHEDULING_SLACK,
+            redis_delta_loss_margin: REDIS_COMMAND_TIMEOUT + SCHEDULING_SLACK,
+            // A killed aggregator's partitions are handed over only when its session expires.
+            aggregation_recovery: timing.aggregator_session_timeout + PROCESS_START_SLACK,
+        }
+    }
+
+    /// How long after `acked_at` the increment must show in `read`, given the faults injected.
+    pub fn allowed_staleness(
+        &self,
+        acked_at: Duration,
+        read: &ReadRecord,
+        faults: &[FaultRecord],
+    ) -> Duration {
+        let redis_delta_may_be_lost = faults.iter().any(|fault| {
+            fault.kind.may_drop_redis_deltas()
+                && acked_at >= fault.started_at
+                && acked_at <= fault.healed_at + self.redis_delta_loss_margin
+        });
+        if !read.stale && !redis_delta_may_be_lost {
+            // Served from Redis's deltas: the aggregator's progress does not matter.
+            return self.fresh_read;
+        }
+        // The value depends on what the aggregator committed to PostgreSQL, which stops moving
+        // while a fault stalls the aggregation: credit every such fault between the
+        // acknowledgement and the read.
+        let stalled: Duration = faults
+            .iter()
+            .filter(|fault| {
+                fault.kind.stalls_aggregation()
+                    && fault.started_at < read.invoked_at
+                    && fault.healed_at + self.aggregation_recovery > acked_at
+            })
+            .map(|fault| fault.healed_at.saturating_sub(fault.started_at) + self.aggregation_recovery)
+            .sum();
+        self.stale_read + stalled
+    }
+}
+
+/// The sums the final value is checked against.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IncrementSums {
+    pub acknowledged: i64,
+    pub indeterminate: i64,
+    pub failed: i64,
+    /// Every increment a client meant to make, whatever became of it.
+    pub intended: i64,
+    /// How many increments did not end acknowledged.
+    pub unresolved_count: usize,
+}
+
+impl IncrementSums {
+    pub fn of(increments: &[IncrementRecord]) -> Self {
+        let mut sums = IncrementSums::default();
+        for increment in increments {
+            sums.intended += increment.by;
+            match increment.outcome {
+                IncrementOutcome::Acknowledged { .. } => sums.acknowledged += increment.by,
+                IncrementOutcome::Indeterminate => {
+                    sums.indeterminate += increment.by;
+                    sums.unresolved_count += 1;
+                }
+                IncrementOutcome::Failed => {
+                    sums.failed += increment.by;
+                    sums.unresolved_count += 1;
+                }
+            }
+        }
+        sums
+    }
+
+    /// The highest value the counter may have: every acknowledged and indeterminate increment.
+    pub fn upper_bound(&self) -> i64 {
+        self.acknowledged + self.indeterminate
+    }
+}
+
+/// The counter's value in each store once the load stopped and the pipeline drained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FinalValues {
+    /// `SELECT total FROM counters WHERE name = $1` (0 when the row does not exist).
+    pub postgres: i64,
+    /// A `?fresh=true` read that came from Redis, if any did.
+    pub redis: Option<i64>,
+    /// A plain read (cache allowed), if any succeeded.
+    pub read: Option<i64>,
+}
+
+/// A rule the history broke.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Violation {
+    /// A read missed increments acknowledged longer ago than the allowed staleness.
+    ReadBelowLowerBound {
+        counter: String,
+        read: ReadRecord,
+        lower_bound: i64,
+    },
+    /// A read saw more than every increment sent so far: something was counted twice, or
+    /// counted though it failed.
+    ReadAboveUpperBound {
+        counter: String,
+        read: ReadRecord,
+        upper_bound: i64,
+    },
+    /// The drained value misses acknowledged increments.
+    LostIncrements {
+        counter: String,
+        final_value: i64,
+        acknowledged_sum: i64,
+    },
+    /// The drained value is more than every acknowledged and indeterminate increment.
+    CountedTwice {
+        counter: String,
+        final_value: i64,
+        upper_bound: i64,
+    },
+    /// Retried with the same idempotency key until acknowledged, yet not counted exactly once.
+    NotExactAfterRetries {
+        counter: String,
+        final_value: i64,
+        intended_sum: i64,
+    },
+    /// Retries with the same idempotency key never got a `202`.
+    UnacknowledgedAfterRetries {
+        counter: String,
+        unresolved_count: usize,
+    },
+    /// After the drain, PostgreSQL, a fresh Redis read and a plain read did not agree.
+    StoresDisagree {
+        counter: String,
+        values: FinalValues,
+    },
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Violation::ReadBelowLowerBound {
+                counter,
+                read,
+                lower_bound,
+            } => write!(
+                formatter,
+                "{counter}: read started at {} returned {} (source {}, stale {}) below the lower bound {lower_bound}: acknowledged increments missing for longer than allowed",
+                seconds(read.invoked_at),
+                read.value,
+                read.source,
+                read.stale
+            ),
+            Violation::ReadAboveUpperBound {
+                counter,
+                read,
+                upper_bound,
+            } => write!(
+                formatter,
+                "{counter}: read completed at {} returned {} (source {}, stale {}) above the upper bound {upper_bound}: more than every increment sent so far",
+                seconds(read.completed_at),
+                read.value,
+                read.source,
+                read.stale
+            ),
+            Violation::LostIncrements {
+                counter,
+                final_value,
+                acknowledged_sum,
+            } => write!(
+                formatter,
+                "{counter}: final value {final_value} < {acknowledged_sum} acknowledged: {} acknowledged lost",
+                acknowledged_sum - final_value
+            ),
+            Violation::CountedTwice {
+                counter,
+                final_value,
+                upper_bound,
+            } => write!(
+                formatter,
+                "{counter}: final value {final_value} > {upper_bound} (acknowledged + indeterminate): {} counted twice or counted though failed",
+                final_value - upper_bound
+            ),
+            Violation::NotExactAfterRetries {
+                counter,
+                final_value,
+                intended_sum,
+            } => write!(
+                formatter,
+                "{counter}: final value {final_value} != {intended_sum}, the exact sum of increments retried with the same Idempotency-Key ({})",
+                if final_value > intended_sum {
+                    format!("{} counted twice", final_value - intended_sum)
+                } else {
+                    format!("{} lost", intended_sum - final_value)
+                }
+            ),
+            Violation::UnacknowledgedAfterRetries {
+                counter,
+                unresolved_count,
+            } => write!(
+                formatter,
+                "{counter}: {unresolved_count} increments never acknowledged despite retries with the same Idempotency-Key"
+            ),
+            Violation::StoresDisagree { counter, values } => write!(
+                formatter,
+                "{counter}: after the drain PostgreSQL has {} but Redis {} and a read {}",
+                values.postgres,
+                optional(values.redis),
+                optional(values.read)
+            ),
+        }
+    }
+}
+
+fn optional(value: Option<i64>) -> String {
+    value.map_or_else(|| "nothing".to_owned(), |value| value.to_string())
+}
+
+/// How far behind the acknowledged increments a read was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadLag {
+    pub lag: Duration,
+    pub source: String,
+    pub stale: bool,
+}
+
+/// What checking one counter's reads found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadCheck {
+    pub violations: Vec<Violation>,
+    /// The largest lag of any read, if there was a read.
+    pub max_lag: Option<ReadLag>,
+}
+
+/// Checks every read of one counter against the bounds. `increments` and `reads` must all be of
+/// that counter; `faults` are every fault of the scenario.
+pub fn check_reads(
+    increments: &[IncrementRecord],
+    reads: &[ReadRecord],
+    faults: &[FaultRecord],
+    allowances: &StalenessAllowances,
+) -> ReadCheck {
+    let mut acknowledged: Vec<(Duration, i64)> = increments
+        .iter()
+        .filter_map(|increment| increment.acked_at().map(|acked_at| (acked_at, increment.by)))
+        .collect();
+    acknowledged.sort();
+    let mut check = ReadCheck::default();
+    for read in reads {
+        let lower_bound: i64 = acknowledged
+            .iter()
+            .filter(|(acked_at, _)| {
+                *acked_at + allowances.allowed_staleness(*acked_at, read, faults) < read.invoked_at
+            })
+            .map(|(_, by)| by)
+            .sum();
+        let upper_bound: i64 = increments
+            .iter()
+            .filter(|increment| increment.may_count() && increment.invoked_at < read.completed_at)
+            .map(|increment| increment.by)
+            .sum();
+        if read.value < lower_bound {
+            check.violations.push(Violation::ReadBelowLowerBound {
+                counter: read.counter.clone(),
+                read: read.clone(),
+                lower_bound,
+            });
+        }
+        if read.value > upper_bound {
+            check.violations.push(Violation::ReadAboveUpperBound {
+                counter: read.counter.clone(),
+                read: read.clone(),
+                upper_bound,
+            });
+        }
+        let lag = read_lag(&acknowledged, read);
+        if check.max_lag.as_ref().is_none_or(|max| lag > max.lag) {
+            check.max_lag = Some(ReadLag {
+                lag,
+                source: read.source.clone(),
+                stale: read.stale,
+            });
+        }
+    }
+    check
+}
+
+/// How long before the read started the oldest acknowledged increment the read's value does not
+/// cover was acknowledged: taking increments in acknowledgement order, the value covers them as
+/// long as their running sum stays within it. Zero when it covers all of them. (Indeterminate
+/// increments that landed can hide some lag; this is a measure, not a rule.)
+fn read_lag(acknowledged_in_order: &[(Duration, i64)], read: &ReadRecord) -> Duration {
+    let mut covered = 0i64;
+    for (acked_at, by) in acknowledged_in_order {
+        if *acked_at >= read.invoked_at {
+            break;
+        }
+        covered += by;
+        if covered > read.value {
+            return read.invoked_at - *acked_at;
+        }
+    }
+    Duration::ZERO
+}
+
+/// Checks one counter's drained values against its increments.
+pub fn check_final(
+    mode: ClientMode,
+    counter: &str,
+    increments: &[IncrementRecord],
+    values: &FinalValues,
+) -> Vec<Violation> {
+    let sums = IncrementSums::of(increments);
+    let mut violations = Vec::new();
+    if values.redis != Some(values.postgres) || values.read != Some(values.postgres) {
+        violations.push(Violation::StoresDisagree {
+            counter: counter.to_owned(),
+            values: *values,
+        });
+    }
+    match mode {
+        ClientMode::SingleAttempt => {
+            if values.postgres < sums.acknowledged {
+                violations.push(Violation::LostIncrements {
+                    counter: counter.to_owned(),
+                    final_value: values.postgres,
+                    acknowledged_sum: sums.acknowledged,
+                });
+            }
+            if values.postgres > sums.upper_bound() {
+                violations.push(Violation::CountedTwice {
+                    counter: counter.to_owned(),
+                    final_value: values.postgres,
+                    upper_bound: sums.upper_bound(),
+                });
+            }
+        }
+        ClientMode::RetryWithSameKey => {
+            if sums.unresolved_count > 0 {
+                violations.push(Violation::UnacknowledgedAfterRetries {
+                    counter: counter.to_owned(),
+                    unresolved_count: sums.unresolved_count,
+                });
+            }
+            if values.postgres != sums.intended {
+                violations.push(Violation::NotExactAfterRetries {
+                    counter: counter.to_owned(),
+                    final_value: values.postgres,
+                    intended_sum: sums.intended,
+                });
+            }
+        }
+    }
+    violations
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::FaultKind;
+
+    const COUNTER: &str = "c";
+
+    fn at(millis: u64) -> Duration {
+        Duration::from_millis(millis)
+    }
+
+    fn acknowledged(by: i64, invoked_ms: u64, acked_ms: u64) -> IncrementRecord {
+        IncrementRecord {
+            counter: COUNTER.into(),
+            by,
+            invoked_at: at(invoked_ms),
+            outcome: IncrementOutcome::Acknowledged {
+                acked_at: at(acked_ms),
+            },
+        }
+    }
+
+    fn indeterminate(by: i64, invoked_ms: u64) -> IncrementRecord {
+        IncrementRecord {
+            counter: COUNTER.into(),
+            by,
+            invoked_at: at(invoked_ms),
+            outcome: IncrementOutcome::Indeterminate,
+        }
+    }
+
+    fn failed(by: i64, invoked_ms: u64) -> IncrementRecord {
+        IncrementRecord {
+            counter: COUNTER.into(),
+            by,
+            invoked_at: at(invoked_ms),
+            outcome: IncrementOutcome::Failed,
+        }
+    }
+
+    fn read(value: i64, invoked_ms: u64, completed_ms: u64, stale: bool) -> ReadRecord {
+        ReadRecord {
+            counter: COUNTER.into(),
+            invoked_at: at(invoked_ms),
+            completed_at: at(completed_ms),
+            value,
+            source: if stale { "postgres" } else { "redis" }.into(),
+            stale,
+            fresh: true,
+        }
+    }
+
+    fn fault(kind: FaultKind, started_ms: u64, healed_ms: u64) -> FaultRecord {
+        FaultRecord {
+            kind,
+            started_at: at(started_ms),
+            healed_at: at(healed_ms),
+        }
+    }
+
+    /// Round numbers, independent of the suite's settings, so the tests read easily.
+    fn allowances() -> StalenessAllowances {
+        StalenessAllowances {
+            fresh_read: at(2_000),
+            stale_read: at(8_000),
+            redis_delta_loss_margin: at(1_000),
+            aggregation_recovery: at(10_000),
+        }
+    }
+
+    fn agreeing(value: i64) -> FinalValues {
+        FinalValues {
+            postgres: value,
+            redis: Some(value),
+            read: Some(value),
+        }
+    }
+
+    fn reads_violations(
+        increments: &[IncrementRecord],
+        reads: &[ReadRecord],
+        faults: &[FaultRecord],
+    ) -> Vec<Violation> {
+        check_reads(increments, reads, faults, &allowances()).violations
+    }
+
+    #[test]
+    fn a_correct_history_has_no_violation() {
+        let increments = [acknowledged(5, 0, 100), acknowledged(3, 200, 300)];
+        let reads = [read(0, 50, 60, false), read(5, 150, 160, false), read(8, 4_000, 4_010, false)];
+        assert_eq!(reads_violations(&increments, &reads, &[]), vec![]);
+        assert_eq!(
+            check_final(ClientMode::SingleAttempt, COUNTER, &increments, &agreeing(8)),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn a_lost_acknowledged_increment_fails_the_final_check() {
+        let increments = [acknowledged(5, 0, 100), acknowledged(3, 200, 300)];
+        let violations = check_final(ClientMode::SingleAttempt, COUNTER, &increments, &agreeing(5));
+        assert_eq!(
+            violations,
+            vec![Violation::LostIncrements {
+                counter: COUNTER.into(),
+                final_value: 5,
+                acknowledged_sum: 8,
+            }]
+        );
+        assert!(violations[0].to_string().contains("3 acknowledged lost"));
+    }
+
+    #[test]
+    fn a_lost_increment_also_fails_the_retry_mode_check() {
+        let increments = [acknowledged(5, 0, 100), acknowledged(3, 200, 300)];
+        let violations =
+            check_final(ClientMode::RetryWithSameKey, COUNTER, &increments, &agreeing(5));
+        assert_eq!(
+            violations,
+            vec![Violation::NotExactAfterRetries {
+                counter: COUNTER.into(),
+                final_value: 5,
+                intended_sum: 8,
+            }]
+        );
+        assert!(violations[0].to_string().contains("3 lost"));
+    }
+
+    #[test]
+    fn a_double_count_fails_the_final_check_in_both_modes() {
+        // Single attempt: 5 acknowledged + 2 indeterminate allow at most 7.
+        let single = [acknowledged(5, 0, 100), indeterminate(2, 200)];
+        assert_eq!(
+            check_final(ClientMode::SingleAttempt, COUNTER, &single, &agreeing(9)),
+            vec![Violation::CountedTwice {
+                counter: COUNTER.into(),
+                final_value: 9,
+                upper_bound: 7,
+            }]
+        );
+        // Retried with its key until acknowledged, then counted twice (a 503 that had landed
+        // plus the retry): exact sum 7, final 9.
+        let retried = [acknowledged(5, 0, 100), acknowledged(2, 200, 2_500)];
+        let violations = check_final(ClientMode::RetryWithSameKey, COUNTER, &retried, &agreeing(9));
+        assert_eq!(
+            violations,
+            vec![Violation::NotExactAfterRetries {
+                counter: COUNTER.into(),
+                final_value: 9,
+                intended_sum: 7,
+            }]
+        );
+        assert!(violations[0].to_string().contains("2 counted twice"));
+    }
+
+    #[test]
+    fn an_indeterminate_increment_may_land_or_not() {
+        let increments = [acknowledged(5, 0, 100), indeterminate(3, 200)];
+        for landed in [5, 8] {
+            assert_eq!(
+                check_final(ClientMode::SingleAttempt, COUNTER, &increments, &agreeing(landed)),
+                vec![],
+                "final {landed} is within [5, 8]"
+            );
+        }
+        // A read may see it once it was sent...
+        assert_eq!(
+            reads_violations(&increments, &[read(8, 1_000, 1_010, false)], &[]),
+            vec![]
+        );
+        // ...but not before it was sent.
+        let too_early = read(8, 150, 180, false);
+        assert_eq!(
+            reads_violations(&increments, std::slice::from_ref(&too_early), &[]),
+            vec![Violation::ReadAboveUpperBound {
+                counter: COUNTER.into(),
+                read: too_early,
+                upper_bound: 5,
+            }]
+        );
+    }
+
+    #[test]
+    fn a_failed_increment_must_not_count() {
+        let increments = [acknowledged(5, 0, 100), failed(3, 200)];
+        assert_eq!(
+            check_final(ClientMode::SingleAttempt, COUNTER, &increments, &agreeing(8)),
+            vec![Violation::CountedTwice {
+                counter: COUNTER.into(),
+                final_value: 8,
+                upper_bound: 5,
+            }]
+        );
+        let counted = read(8, 1_000, 1_010, false);
+        assert_eq!(
+            reads_violations(&increments, std::slice::from_ref(&counted), &[]).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_read_below_the_lower_bound_is_a_violation() {
+        let increments = [acknowledged(5, 0, 100), acknowledged(3, 200, 300)];
+        // 3 s after both acknowledgements, a non-stale read (allowed 2 s) still shows only 5.
+        let lagging = read(5, 3_300, 3_310, false);
+        assert_eq!(
+            reads_violations(&increments, std::slice::from_ref(&lagging), &[]),
+            vec![Violation::ReadBelowLowerBound {
+                counter: COUNTER.into(),
+                read: lagging,
+                lower_bound: 8,
+            }]
+        );
+        // Within the allowance it may lag.
+        assert_eq!(
+            reads_violations(&increments, &[read(5, 2_000, 2_010, false)], &[]),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn a_stale_read_gets_the_larger_allowance_but_not_more() {
+        let increments = [acknowledged(5, 0, 100)];
+        assert_eq!(
+            reads_violations(&increments, &[read(0, 5_000, 5_010, true)], &[]),
+            vec![],
+            "5 s is within the stale allowance of 8 s"
+        );
+        assert_eq!(
+            reads_violations(&increments, &[read(0, 9_000, 9_010, true)], &[]).len(),
+            1,
+            "9 s is beyond it"
+        );
+    }
+
+    #[test]
+    fn a_fault_that_stalls_the_aggregation_extends_only_the_stale_allowance() {
+        let increments = [acknowledged(5, 0, 100)];
+        // The aggregator was down from 1 s to 3 s: 2 s + 10 s recovery are credited.
+        let faults = [fault(FaultKind::KillAggregator, 1_000, 3_000)];
+        assert_eq!(
+            reads_violations(&increments, &[read(0, 15_000, 15_010, true)], &faults),
+            vec![],
+            "8 + 2 + 10 = 20 s allowed"
+        );
+        assert_eq!(
+            reads_violations(&increments, &[read(0, 21_000, 21_010, true)], &faults).len(),
+            1
+        );
+        // Reads from Redis do not depend on the aggregator.
+        assert_eq!(
+            reads_violations(&increments, &[read(0, 3_000, 3_010, false)], &faults).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn an_increment_acknowledged_during_a_redis_fault_may_be_missed_until_its_window_closes() {
+        let during_fault = acknowledged(5, 1_500, 1_600);
+        let faults = [fault(FaultKind::PauseRedis, 1_000, 2_000)];
+        let allowances = allowances();
+        let non_stale = read(0, 6_000, 6_010, false);
+        assert_eq!(
+            allowances.allowed_staleness(at(1_600), &non_stale, &faults),
+            // stale allowance + the pause itself (Redis faults may hold up the aggregator) +
+            // recovery
+            at(8_000) + at(1_000) + at(10_000)
+        );
+        assert_eq!(
+            reads_violations(std::slice::from_ref(&during_fault), &[non_stale], &faults),
+            vec![]
+        );
+        // One acknowledged well after the fault healed gets the plain fresh allowance.
+        let after_fault = acknowledged(5, 4_000, 4_100);
+        assert_eq!(
+            reads_violations(&[after_fault], &[read(0, 6_200, 6_210, false)], &faults).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn retry_mode_requires_every_increment_acknowledged() {
+        let increments = [acknowledged(5, 0, 100), indeterminate(3, 200)];
+        assert_eq!(
+            check_final(ClientMode::RetryWithSameKey, COUNTER, &increments, &agreeing(8)),
+            vec![Violation::UnacknowledgedAfterRetries {
+                counter: COUNTER.into(),
+                unresolved_count: 1,
+            }]
+        );
+    }
+
+    #[test]
+    fn stores_that_disagree_after_the_drain_are_a_violation() {
+        let increments = [acknowledged(5, 0, 100)];
+        let values = FinalValues {
+            postgres: 5,
+            redis: Some(4),
+            read: Some(5),
+        };
+        assert_eq!(
+            check_final(ClientMode::SingleAttempt, COUNTER, &increments, &values),
+            vec![Violation::StoresDisagree {
+                counter: COUNTER.into(),
+                values,
+            }]
+        );
+    }
+
+    #[test]
+    fn lag_is_measured_from_the_oldest_increment_a_read_misses() {
+        let increments = [
+            acknowledged(5, 0, 1_000),
+            acknowledged(3, 1_000, 2_000),
+            acknowledged(2, 2_000, 3_000),
+        ];
+        let check = |value| {
+            check_reads(&increments, &[read(value, 3_500, 3_510, false)], &[], &allowances())
+                .max_lag
+                .unwrap()
+                .lag
+        };
+        assert_eq!(check(10), Duration::ZERO);
+        assert_eq!(check(8), at(500), "misses the increment acknowledged at 3.0 s");
+        assert_eq!(check(5), at(1_500), "misses those from 2.0 s on");
+        assert_eq!(check(0), at(2_500));
+    }
+
+    #[test]
+    fn increment_sums_split_by_outcome() {
+        let sums = IncrementSums::of(&[acknowledged(5, 0, 1), indeterminate(3, 2), failed(2, 3)]);
+        assert_eq!(
+            sums,
+            IncrementSums {
+                acknowledged: 5,
+                indeterminate: 3,
+                failed: 2,
+                intended: 10,
+                unresolved_count: 2,
+            }
+        );
+        assert_eq!(sums.upper_bound(), 8);
+    }
+}

@@ -1,0 +1,219 @@
+//! Talking to Tally, and turning each answer into what it means for the count.
+//!
+//! The classification follows the README's "What each status code promises":
+//! - `202`: acknowledged, counted exactly once;
+//! - `4xx`: rejected, nothing counted;
+//! - `503`, any other `5xx`, a timeout, a connection lost after sending: indeterminate;
+//! - a connection that could not even be opened: the request never left, nothing counted.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde::Deserialize;
+use serde_json::json;
+
+/// Longest wait for one answer. Above the suite's 2 s produce timeout, so a Kafka outage shows
+/// as Tally's own `503`; a request that takes longer than this is indeterminate.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What one increment request (single or batch) came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptResult {
+    /// `202`. `duplicates` counts the items Tally recognised as retries of an idempotency key it
+    /// had already acknowledged (`"duplicate": true`, or a batch's `"duplicates"`).
+    Acknowledged { duplicates: u64 },
+    /// A `4xx`: nothing was counted.
+    Rejected { status: u16, detail: String },
+    /// The connection could not be opened: the request was never sent, nothing was counted.
+    NotSent { cause: String },
+    /// Tally may or may not have counted it. `unexpected` names an answer other than the
+    /// documented `503` or a transport failure (for example a `500`), worth a look.
+    Indeterminate {
+        cause: String,
+        unexpected: Option<String>,
+        retry_after: Option<Duration>,
+    },
+}
+
+/// One successful read.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct CounterRead {
+    pub value: i64,
+    pub source: String,
+    pub stale: bool,
+}
+
+/// One item of a batch increment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchItem {
+    pub counter: String,
+    pub by: i64,
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TallyClient {
+    http: reqwest::Client,
+    base_url: String,
+}
+
+#[derive(Deserialize)]
+struct SingleAccepted {
+    /// Missing before idempotency keys existed: then nothing is ever a duplicate.
+    #[serde(default)]
+    duplicate: bool,
+}
+
+#[derive(Deserialize)]
+struct BatchAccepted {
+    #[serde(default)]
+    duplicates: u64,
+}
+
+impl TallyClient {
+    pub fn new(base_url: String) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(Duration::from_secs(1))
+            .build()?;
+        Ok(TallyClient { http, base_url })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// `POST /v1/counters/{counter}/increment`. Counter names in this suite are plain ASCII
+    /// letters, digits and dashes, so they need no percent-encoding.
+    pub async fn increment(
+        &self,
+        counter: &str,
+        by: i64,
+        idempotency_key: Option<&str>,
+    ) -> AttemptResult {
+        let mut request = self
+            .http
+            .post(format!("{}/v1/counters/{counter}/increment", self.base_url))
+            .json(&json!({ "by": by }));
+        if let Some(key) = idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
+        match request.send().await {
+            Ok(response) if response.status() == StatusCode::ACCEPTED => {
+                match response.json::<SingleAccepted>().await {
+                    Ok(body) => AttemptResult::Acknowledged {
+                        duplicates: u64::from(body.duplicate),
+                    },
+                    // The 202 itself is the acknowledgement; a body we could not read does
+                    // not change that, but it does hide whether it was a duplicate.
+                    Err(_) => AttemptResult::Acknowledged { duplicates: 0 },
+                }
+            }
+            Ok(response) => classify_failure_status(response).await,
+            Err(error) => classify_transport_error(&error),
+        }
+    }
+
+    /// `POST /v1/increments`: all items are counted, or none, or (indeterminate) any of them.
+    pub async fn increment_batch(&self, items: &[BatchItem]) -> AttemptResult {
+        let increments: Vec<serde_json::Value> = items
+            .iter()
+            .map(|item| match &item.idempotency_key {
+                Some(key) => json!({ "counter": item.counter, "by": item.by, "idempotency_key": key }),
+                None => json!({ "counter": item.counter, "by": item.by }),
+            })
+            .collect();
+        let request = self
+            .http
+            .post(format!("{}/v1/increments", self.base_url))
+            .json(&json!({ "increments": increments }));
+        match request.send().await {
+            Ok(response) if response.status() == StatusCode::ACCEPTED => {
+                match response.json::<BatchAccepted>().await {
+                    Ok(body) => AttemptResult::Acknowledged {
+                        duplicates: body.duplicates,
+                    },
+                    Err(_) => AttemptResult::Acknowledged { duplicates: 0 },
+                }
+            }
+            Ok(response) => classify_failure_status(response).await,
+            Err(error) => classify_transport_error(&error),
+        }
+    }
+
+    /// `GET /v1/counters/{counter}`, with `?fresh=true` to skip the read cache.
+    pub async fn read(&self, counter: &str, fresh: bool) -> Result<CounterRead, String> {
+        let response = self
+            .http
+            .get(format!("{}/v1/counters/{counter}?fresh={fresh}", self.base_url))
+            .send()
+            .await
+            .map_err(|error| transport_error_kind(&error))?;
+        let status = response.status();
+        if status != StatusCode::OK {
+            return Err(format!("HTTP {}", status.as_u16()));
+        }
+        response
+            .json::<CounterRead>()
+            .await
+            .map_err(|_| "unreadable body".to_owned())
+    }
+
+    /// `GET {path}` answers `200`.
+    pub async fn answers_ok(&self, path: &str) -> bool {
+        matches!(
+            self.http.get(format!("{}{path}", self.base_url)).send().await,
+            Ok(response) if response.status() == StatusCode::OK
+        )
+    }
+}
+
+async fn classify_failure_status(response: reqwest::Response) -> AttemptResult {
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let detail = response.text().await.unwrap_or_default();
+    if status.is_client_error() {
+        return AttemptResult::Rejected {
+            status: status.as_u16(),
+            detail,
+        };
+    }
+    let cause = format!("HTTP {}", status.as_u16());
+    let unexpected = (status != StatusCode::SERVICE_UNAVAILABLE).then(|| cause.clone());
+    AttemptResult::Indeterminate {
+        cause,
+        unexpected,
+        retry_after,
+    }
+}
+
+fn classify_transport_error(error: &reqwest::Error) -> AttemptResult {
+    if error.is_connect() {
+        // Failing to open the connection means no byte of the request reached Tally.
+        AttemptResult::NotSent {
+            cause: transport_error_kind(error),
+        }
+    } else {
+        // Sent, or perhaps sent: a timeout, a reset, a connection closed mid-answer.
+        AttemptResult::Indeterminate {
+            cause: transport_error_kind(error),
+            unexpected: None,
+            retry_after: None,
+        }
+    }
+}
+
+fn transport_error_kind(error: &reqwest::Error) -> String {
+    if error.is_connect() {
+        "connection refused".to_owned()
+    } else if error.is_timeout() {
+        "timeout".to_owned()
+    } else {
+        "connection lost".to_owned()
+    }
+}

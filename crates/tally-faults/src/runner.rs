@@ -1,0 +1,451 @@
+//! Runs one scenario: fresh Tally processes on a fresh database, topic, consumer group and
+//! Redis prefix; load from both client modes; the scenario's faults; the drain; the checks.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use sqlx::postgres::PgPoolOptions;
+
+use crate::checker::{
+    FinalValues, IncrementSums, PipelineTiming, ReadLag, StalenessAllowances, Violation,
+    check_final, check_reads,
+};
+use crate::client::TallyClient;
+use crate::drain::{KafkaProgress, drain};
+use crate::history::{AttemptTally, ClientMode, FaultRecord, seconds};
+use crate::load::{ClientReport, ClientSetup, LoadSettings, counter_names, run_client};
+use crate::processes::{RoleSet, TallyProcess, TallySettings, wait_until_serving};
+use crate::scenarios::{FaultAction, Scenario};
+use crate::stack::{Service, Stack};
+
+/// How long a fresh Tally may take to serve reads from Redis: migrations are done, but the
+/// aggregator must join its group, run the first replay and close a first window.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// How long a SIGTERMed Tally may take to stop (its own shutdown timeout is 10 s).
+const SHUTDOWN_PATIENCE: Duration = Duration::from_secs(20);
+
+/// How often the runner checks that no Tally process died on its own.
+const SUPERVISION_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Everything the scenarios share.
+pub struct Suite {
+    pub stack: Stack,
+    pub tally_binary: PathBuf,
+    /// Logs of every process, one directory per scenario.
+    pub work_dir: PathBuf,
+    /// Makes databases, topics, groups and prefixes unique to this run.
+    pub run_id: String,
+    pub seed: u64,
+    pub load: LoadSettings,
+    pub timing: PipelineTiming,
+    pub kafka_partitions: u32,
+    pub drain_timeout: Duration,
+}
+
+/// One client mode's part of a scenario, summed over its counters.
+#[derive(Debug, Clone)]
+pub struct ModeResult {
+    pub mode: ClientMode,
+    pub attempts: AttemptTally,
+    pub reads: usize,
+    pub read_errors: BTreeMap<String, u64>,
+    pub sums: IncrementSums,
+    /// Sums over the counters; `None` when a store had no value for some counter.
+    pub postgres: i64,
+    pub redis: Option<i64>,
+    pub read: Option<i64>,
+    pub max_lag: Option<ReadLag>,
+    pub violations: Vec<Violation>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScenarioResult {
+    pub name: String,
+    pub description: String,
+    pub modes: Vec<ModeResult>,
+    pub faults: Vec<FaultRecord>,
+    /// Things worth a look that are not counting errors: a process that died on its own, a
+    /// non-zero exit after SIGTERM, a drain that timed out.
+    pub notes: Vec<String>,
+    pub drained: bool,
+    pub drain_waited: Duration,
+    /// The harness itself failed (a fault could not be injected, Tally did not start).
+    pub harness_error: Option<String>,
+    pub elapsed: Duration,
+}
+
+impl ScenarioResult {
+    pub fn passed(&self) -> bool {
+        self.harness_error.is_none()
+            && self.drained
+            && self.modes.iter().all(|mode| mode.violations.is_empty())
+    }
+}
+
+/// Runs `scenario` and checks it. Never panics on a Tally failure: everything ends up in the
+/// result.
+pub async fn run_scenario(suite: &Suite, scenario: &Scenario) -> ScenarioResult {
+    let started = Instant::now();
+    let mut result = ScenarioResult {
+        name: scenario.name.to_owned(),
+        description: scenario.description.clone(),
+        modes: Vec::new(),
+        faults: Vec::new(),
+        notes: Vec::new(),
+        drained: false,
+        drain_waited: Duration::ZERO,
+        harness_error: None,
+        elapsed: Duration::ZERO,
+    };
+    if let Err(error) = run_and_check(suite, scenario, &mut result).await {
+        result.harness_error = Some(format!("{error:#}"));
+    }
+    result.elapsed = started.elapsed();
+    result
+}
+
+/// The Tally processes of one scenario.
+struct Processes {
+    ingest: TallyProcess,
+    aggregators: Vec<TallyProcess>,
+}
+
+impl Processes {
+    async fn start(settings: &TallySettings, aggregators: usize) -> anyhow::Result<Self> {
+        let mut started = Vec::new();
+        for index in 0..aggregators {
+            started.push(TallyProcess::start(&format!("aggregator-{index}"), RoleSet::Aggregator, settings).await?);
+        }
+        Ok(Processes {
+            ingest: TallyProcess::start("ingest", RoleSet::IngestAndRead, settings).await?,
+            aggregators: started,
+        })
+    }
+
+    fn all_mut(&mut self) -> impl Iterator<Item = &mut TallyProcess> {
+        std::iter::once(&mut self.ingest).chain(self.aggregators.iter_mut())
+    }
+
+    /// Acts as a supervisor: a process that exited without us stopping it is noted and started
+    /// again.
+    fn restart_the_exited(&mut self, clock: Instant, notes: &mut Vec<String>) -> anyhow::Result<()> {
+        for process in self.all_mut() {
+            if let Some(status) = process.exited_by_itself() {
+                notes.push(format!(
+                    "{} exited by itself ({status}) at {}; restarted it (see its log)",
+                    process.name,
+                    seconds(clock.elapsed())
+                ));
+                process.spawn()?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop_all(&mut self, notes: &mut Vec<String>) {
+        for process in self.all_mut() {
+            if !process.is_running() {
+                continue;
+            }
+            match process.terminate(SHUTDOWN_PATIENCE).await {
+                Ok(status) if status.success() => {}
+                Ok(status) => notes.push(format!("{} exited with {status} after SIGTERM at the end", process.name)),
+                Err(error) => notes.push(format!("{} could not be stopped: {error:#}", process.name)),
+            }
+        }
+    }
+}
+
+async fn run_and_check(
+    suite: &Suite,
+    scenario: &Scenario,
+    result: &mut ScenarioResult,
+) -> anyhow::Result<()> {
+    let scenario_dir = suite.work_dir.join(scenario.name);
+    let pid_dir = suite.work_dir.join("pids");
+    std::fs::create_dir_all(&scenario_dir)?;
+    std::fs::create_dir_all(&pid_dir)?;
+    let isolation = format!("{}-{}", suite.run_id, scenario.name);
+    let database = format!("faults_{}", isolation.replace('-', "_"));
+    create_database(&suite.stack, &database).await?;
+    let settings = TallySettings {
+        binary: suite.tally_binary.clone(),
+        redis_url: suite.stack.redis_url(),
+        database_url: suite.stack.database_url(&database),
+        kafka_brokers: suite.stack.kafka_brokers(),
+        kafka_topic: format!("faults.{isolation}"),
+        kafka_partitions: suite.kafka_partitions,
+        redis_prefix: format!("faults-{isolation}"),
+        aggregator_group: format!("faults-{isolation}"),
+        timing: suite.timing,
+        log_dir: scenario_dir,
+        pid_dir,
+    };
+    settings.migrate().await?;
+    let mut processes = Processes::start(&settings, scenario.aggregators).await?;
+    let tally = TallyClient::new(processes.ingest.base_url())?;
+    wait_until_serving(&tally, STARTUP_TIMEOUT)
+        .await
+        .with_context(|| format!("see the logs in {}", settings.log_dir.display()))?;
+
+    // The load, from both modes at once, while the faults run.
+    let clock = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for mode in ClientMode::ALL {
+        for index in 0..suite.load.clients_per_mode {
+            clients.push(tokio::spawn(run_client(ClientSetup {
+                index,
+                mode,
+                tally: tally.clone(),
+                settings: suite.load.clone(),
+                clock,
+                stop: Arc::clone(&stop),
+                seed: suite.seed,
+                key_prefix: isolation.clone(),
+            })));
+        }
+    }
+    let faults_outcome = run_faults(suite, scenario, &mut processes, &tally, clock, result).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut reports = Vec::new();
+    for client in clients {
+        reports.push(client.await.context("a load client panicked")?);
+    }
+    faults_outcome?;
+    processes.restart_the_exited(clock, &mut result.notes)?;
+
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&settings.database_url)
+        .await?;
+    let kafka = KafkaProgress::new(
+        &settings.kafka_brokers,
+        &settings.kafka_topic,
+        settings.kafka_partitions,
+        &settings.aggregator_group,
+    )?;
+    let all_counters: Vec<String> = ClientMode::ALL
+        .iter()
+        .flat_map(|mode| counter_names(*mode, suite.load.counters_per_mode))
+        .collect();
+    let drained = drain(
+        &tally,
+        &pool,
+        &kafka,
+        &all_counters,
+        suite.timing.window,
+        suite.drain_timeout,
+    )
+    .await;
+    result.drained = drained.drained;
+    result.drain_waited = drained.waited;
+    if let Some(problem) = &drained.problem {
+        result.notes.push(format!(
+            "did not drain within {:.0}s: {problem}",
+            drained.waited.as_secs_f64()
+        ));
+    }
+    processes.restart_the_exited(clock, &mut result.notes)?;
+    processes.stop_all(&mut result.notes).await;
+    pool.close().await;
+
+    let allowances = StalenessAllowances::for_timing(&suite.timing);
+    for mode in ClientMode::ALL {
+        result.modes.push(check_mode(
+            mode,
+            &reports,
+            &result.faults,
+            &drained.finals,
+            &allowances,
+            suite.load.counters_per_mode,
+        ));
+    }
+    Ok(())
+}
+
+/// Creates the scenario's database, owned by `tally`, next to the stack's `tally` database.
+async fn create_database(stack: &Stack, database: &str) -> anyhow::Result<()> {
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&stack.database_url("tally"))
+        .await
+        .context("connecting to the suite's PostgreSQL")?;
+    sqlx::query(&format!("CREATE DATABASE {database}"))
+        .execute(&admin)
+        .await
+        .with_context(|| format!("creating database {database}"))?;
+    admin.close().await;
+    Ok(())
+}
+
+/// Runs the scenario's fault steps one after the other, then lets the load run on until its
+/// minimum length and some time after the last fault healed. Records every fault in `result`.
+async fn run_faults(
+    suite: &Suite,
+    scenario: &Scenario,
+    processes: &mut Processes,
+    tally: &TallyClient,
+    clock: Instant,
+    result: &mut ScenarioResult,
+) -> anyhow::Result<()> {
+    let mut last_healed = Duration::ZERO;
+    for step in &scenario.steps {
+        supervise_until(processes, clock, last_healed + step.gap_before, &mut result.notes).await?;
+        let started_at = clock.elapsed();
+        perform(suite, step.action, processes, tally, &mut result.notes).await?;
+        last_healed = clock.elapsed();
+        result.faults.push(FaultRecord {
+            kind: step.action.kind(),
+            started_at,
+            healed_at: last_healed,
+        });
+    }
+    let load_until = scenario.min_load.max(last_healed + scenario.load_after_faults);
+    supervise_until(processes, clock, load_until, &mut result.notes).await
+}
+
+/// Waits until `until` on the scenario clock, restarting any process that dies meanwhile.
+async fn supervise_until(
+    processes: &mut Processes,
+    clock: Instant,
+    until: Duration,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    loop {
+        processes.restart_the_exited(clock, notes)?;
+        let now = clock.elapsed();
+        if now >= until {
+            return Ok(());
+        }
+        tokio::time::sleep((until - now).min(SUPERVISION_INTERVAL)).await;
+    }
+}
+
+async fn perform(
+    suite: &Suite,
+    action: FaultAction,
+    processes: &mut Processes,
+    tally: &TallyClient,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let stack = &suite.stack;
+    match action {
+        FaultAction::KillAggregator { which, down_for } => {
+            let aggregator = &mut processes.aggregators[which];
+            aggregator.kill_hard().await?;
+            tokio::time::sleep(down_for).await;
+            aggregator.spawn()?;
+        }
+        FaultAction::RestartKafka { down_for } => restart(stack, Service::Kafka, down_for).await?,
+        FaultAction::RestartRedisEmpty { down_for } => restart(stack, Service::Redis, down_for).await?,
+        FaultAction::RestartPostgres { down_for } => restart(stack, Service::Postgres, down_for).await?,
+        FaultAction::SigtermIngest { down_for } => {
+            let status = processes.ingest.terminate(SHUTDOWN_PATIENCE).await?;
+            if !status.success() {
+                notes.push(format!("ingest exited with {status} after SIGTERM under load"));
+            }
+            tokio::time::sleep(down_for).await;
+            processes.ingest.spawn()?;
+            // Healed once it answers again.
+            let deadline = Instant::now() + STARTUP_TIMEOUT;
+            while !tally.answers_ok("/healthz").await {
+                anyhow::ensure!(Instant::now() < deadline, "the restarted ingest never answered /healthz");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        FaultAction::PauseAggregator { which, paused_for } => {
+            let aggregator = &mut processes.aggregators[which];
+            aggregator.pause().await?;
+            tokio::time::sleep(paused_for).await;
+            aggregator.resume().await?;
+        }
+        FaultAction::PauseRedis { paused_for } => {
+            stack.pause_redis().await?;
+            tokio::time::sleep(paused_for).await;
+            stack.resume_redis().await?;
+        }
+    }
+    Ok(())
+}
+
+async fn restart(stack: &Stack, service: Service, down_for: Duration) -> anyhow::Result<()> {
+    stack.stop(service).await?;
+    tokio::time::sleep(down_for).await;
+    stack.start(service).await
+}
+
+/// Checks one mode's counters: every read against the bounds, every final value against the
+/// sums; and sums everything up for the report.
+fn check_mode(
+    mode: ClientMode,
+    reports: &[ClientReport],
+    faults: &[FaultRecord],
+    finals: &BTreeMap<String, FinalValues>,
+    allowances: &StalenessAllowances,
+    counters_per_mode: usize,
+) -> ModeResult {
+    let reports: Vec<&ClientReport> = reports.iter().filter(|report| report.mode == mode).collect();
+    let mut result = ModeResult {
+        mode,
+        attempts: AttemptTally::default(),
+        reads: 0,
+        read_errors: BTreeMap::new(),
+        sums: IncrementSums::default(),
+        postgres: 0,
+        redis: Some(0),
+        read: Some(0),
+        max_lag: None,
+        violations: Vec::new(),
+    };
+    for report in &reports {
+        result.attempts.merge(&report.attempts);
+        result.reads += report.reads.len();
+        for (cause, count) in &report.read_errors {
+            *result.read_errors.entry(cause.clone()).or_default() += count;
+        }
+    }
+    for counter in counter_names(mode, counters_per_mode) {
+        let increments: Vec<_> = reports
+            .iter()
+            .flat_map(|report| &report.increments)
+            .filter(|increment| increment.counter == counter)
+            .cloned()
+            .collect();
+        let reads: Vec<_> = reports
+            .iter()
+            .flat_map(|report| &report.reads)
+            .filter(|read| read.counter == counter)
+            .cloned()
+            .collect();
+        let read_check = check_reads(&increments, &reads, faults, allowances);
+        result.violations.extend(read_check.violations);
+        if let Some(lag) = read_check.max_lag {
+            if result.max_lag.as_ref().is_none_or(|max| lag.lag > max.lag) {
+                result.max_lag = Some(lag);
+            }
+        }
+        let sums = IncrementSums::of(&increments);
+        result.sums.acknowledged += sums.acknowledged;
+        result.sums.indeterminate += sums.indeterminate;
+        result.sums.failed += sums.failed;
+        result.sums.intended += sums.intended;
+        result.sums.unresolved_count += sums.unresolved_count;
+        // The drain saw every counter; a missing one means it could not observe the stores.
+        let values = finals.get(&counter).copied().unwrap_or(FinalValues {
+            postgres: 0,
+            redis: None,
+            read: None,
+        });
+        result.postgres += values.postgres;
+        result.redis = result.redis.zip(values.redis).map(|(sum, value)| sum + value);
+        result.read = result.read.zip(values.read).map(|(sum, value)| sum + value);
+        result.violations.extend(check_final(mode, &counter, &increments, &values));
+    }
+    result
+}
