@@ -53,7 +53,7 @@ impl TallySettings {
     /// race each other to create the schema.
     pub async fn migrate(&self) -> anyhow::Result<()> {
         let log = open_log(&self.log_dir.join("migrate.log"))?;
-        let status = Command::new(&self.binary)
+        let status = tally_command(&self.binary)
             .arg("migrate")
             .arg("--database-url")
             .arg(&self.database_url)
@@ -134,7 +134,7 @@ impl TallyProcess {
         let timing = &self.settings.timing;
         let mut log = open_log(&self.log_path())?;
         writeln!(log, "=== tally-faults: starting {} ({}) ===", self.name, self.roles.flag())?;
-        let mut command = Command::new(&self.settings.binary);
+        let mut command = tally_command(&self.settings.binary);
         command
             .arg("serve")
             .arg("--roles")
@@ -277,6 +277,19 @@ pub async fn wait_until_serving(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// A command running the Tally binary with no TALLY_* variable of ours: every setting comes
+/// from flags, so an API key, a rate limit or another stack's URL in the environment of whoever
+/// runs the suite cannot change what it tests.
+fn tally_command(binary: &Path) -> Command {
+    let mut command = Command::new(binary);
+    for (variable, _) in std::env::vars_os() {
+        if variable.to_string_lossy().starts_with("TALLY_") {
+            command.env_remove(variable);
+        }
+    }
+    command
 }
 
 /// Sends a signal with kill(1), to exactly one pid. (No `unsafe` libc call needed.)

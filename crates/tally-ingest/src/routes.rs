@@ -157,30 +157,26 @@ pub async fn increment_batch(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<BatchAccepted>), Problem> {
     let body = body.map_err(body_rejection)?;
-    let object = json_object(&headers, &body)?;
-    reject_unknown_members(&object, &["increments"])?;
-    let Some(Value::Array(items)) = object.get("increments") else {
-        return Err(invalid_body("the body must have an `increments` array"));
+    require_json(&headers)?;
+    // The common case parses straight into borrowed typed items; anything unusual takes the
+    // slower path through serde_json::Value, which can say exactly what is wrong and where.
+    let items = match serde_json::from_slice::<TypedBatch<'_>>(&body) {
+        Ok(batch) => {
+            tracing::Span::current().record("batch.size", batch.increments.len());
+            check_batch_size(batch.increments.len(), service.batch_max_items)?;
+            validate_typed_batch(batch.increments)?
+        }
+        Err(_) => {
+            let object = json_object(&headers, &body)?;
+            reject_unknown_members(&object, &["increments"])?;
+            let Some(Value::Array(items)) = object.get("increments") else {
+                return Err(invalid_body("the body must have an `increments` array"));
+            };
+            tracing::Span::current().record("batch.size", items.len());
+            check_batch_size(items.len(), service.batch_max_items)?;
+            validate_batch(items)?
+        }
     };
-    tracing::Span::current().record("batch.size", items.len());
-    if items.is_empty() {
-        return Err(invalid_body(
-            "`increments` is empty; send at least one increment",
-        ));
-    }
-    if items.len() > service.batch_max_items {
-        return Err(Problem::new(
-            StatusCode::BAD_REQUEST,
-            "batch-too-large",
-            "Too many increments in one batch",
-            format!(
-                "the batch has {} increments; the limit is {}",
-                items.len(),
-                service.batch_max_items
-            ),
-        ));
-    }
-    let items = validate_batch(items)?;
     let duplicates = service.accept_items(&items).await.map_err(ingest_problem)?;
     let duplicates = duplicates.iter().filter(|duplicate| **duplicate).count();
     Ok((
@@ -190,6 +186,83 @@ pub async fn increment_batch(
             duplicates,
         }),
     ))
+}
+
+fn check_batch_size(items: usize, batch_max_items: usize) -> Result<(), Problem> {
+    if items == 0 {
+        return Err(invalid_body(
+            "`increments` is empty; send at least one increment",
+        ));
+    }
+    if items > batch_max_items {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "batch-too-large",
+            "Too many increments in one batch",
+            format!("the batch has {items} increments; the limit is {batch_max_items}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A batch whose shape is right, with strings borrowed from the body.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TypedBatch<'a> {
+    #[serde(borrow)]
+    increments: Vec<TypedItem<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TypedItem<'a> {
+    #[serde(borrow)]
+    counter: std::borrow::Cow<'a, str>,
+    /// Missing means 1; `null`, floats and strings fail here and take the slow path.
+    #[serde(default = "default_by", deserialize_with = "integer_only")]
+    by: i64,
+    #[serde(borrow, default)]
+    idempotency_key: Option<std::borrow::Cow<'a, str>>,
+}
+
+fn default_by() -> i64 {
+    1
+}
+
+fn integer_only<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    <i64 as serde::Deserialize>::deserialize(deserializer)
+}
+
+fn validate_typed_batch(items: Vec<TypedItem<'_>>) -> Result<Vec<IncrementItem>, Problem> {
+    let total = items.len();
+    let mut errors = Vec::new();
+    let mut valid = Vec::with_capacity(total);
+    for (index, item) in items.into_iter().enumerate() {
+        let name = CounterName::parse(item.counter.into_owned())
+            .map_err(|error| ("counter", error.to_string()));
+        let by = Amount::new(item.by).map_err(|error| ("by", error.to_string()));
+        let key = item
+            .idempotency_key
+            .map(|key| IdempotencyKey::parse(key.as_bytes()).map(IdempotencyKey::into_string))
+            .transpose()
+            .map_err(|error| ("idempotency_key", error.to_string()));
+        match (name, by, key) {
+            (Ok(name), Ok(by), Ok(idempotency_key)) => valid.push(IncrementItem {
+                name,
+                by: by.get(),
+                idempotency_key,
+            }),
+            (Err((field, detail)), _, _)
+            | (_, Err((field, detail)), _)
+            | (_, _, Err((field, detail))) => {
+                errors.push(json!({ "index": index, "field": field, "detail": detail }));
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(invalid_batch(errors, total));
+    }
+    Ok(valid)
 }
 
 /// Validates every item; one bad item rejects the whole batch.
@@ -209,22 +282,25 @@ fn validate_batch(items: &[Value]) -> Result<Vec<IncrementItem>, Problem> {
         }
     }
     if !errors.is_empty() {
-        let detail = format!(
-            "{} of {} increments are invalid; nothing was counted (first: item {}: {})",
-            errors.len(),
-            items.len(),
-            errors[0]["index"],
-            errors[0]["detail"].as_str().unwrap_or_default()
-        );
-        return Err(Problem::new(
-            StatusCode::BAD_REQUEST,
-            "invalid-batch",
-            "Some increments in the batch are invalid",
-            detail,
-        )
-        .with_extension("errors", Value::Array(errors)));
+        return Err(invalid_batch(errors, items.len()));
     }
     Ok(valid)
+}
+
+fn invalid_batch(errors: Vec<Value>, total: usize) -> Problem {
+    let detail = format!(
+        "{} of {total} increments are invalid; nothing was counted (first: item {}: {})",
+        errors.len(),
+        errors[0]["index"],
+        errors[0]["detail"].as_str().unwrap_or_default()
+    );
+    Problem::new(
+        StatusCode::BAD_REQUEST,
+        "invalid-batch",
+        "Some increments in the batch are invalid",
+        detail,
+    )
+    .with_extension("errors", Value::Array(errors))
 }
 
 type ItemError = (&'static str, String);
@@ -272,8 +348,8 @@ fn validate_item(item: &Value) -> Result<(CounterName, i64, Option<String>), Ite
     Ok((name, by.get(), key))
 }
 
-/// Checks the content type and parses the body as a JSON object.
-fn json_object(headers: &HeaderMap, body: &[u8]) -> Result<Map<String, Value>, Problem> {
+/// Refuses a body that is not sent as JSON.
+fn require_json(headers: &HeaderMap) -> Result<(), Problem> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok());
@@ -286,17 +362,23 @@ fn json_object(headers: &HeaderMap, body: &[u8]) -> Result<Map<String, Value>, P
             .to_ascii_lowercase();
         media_type == "application/json" || media_type.ends_with("+json")
     });
-    if !is_json {
-        return Err(Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-            "The body must be JSON",
-            format!(
-                "the Content-Type is {}; send application/json",
-                content_type.map_or("missing".to_owned(), |value| format!("`{value}`"))
-            ),
-        ));
+    if is_json {
+        return Ok(());
     }
+    Err(Problem::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported-media-type",
+        "The body must be JSON",
+        format!(
+            "the Content-Type is {}; send application/json",
+            content_type.map_or("missing".to_owned(), |value| format!("`{value}`"))
+        ),
+    ))
+}
+
+/// Checks the content type and parses the body as a JSON object.
+fn json_object(headers: &HeaderMap, body: &[u8]) -> Result<Map<String, Value>, Problem> {
+    require_json(headers)?;
     let value: Value = serde_json::from_slice(body).map_err(|error| {
         Problem::new(
             StatusCode::BAD_REQUEST,

@@ -1,0 +1,142 @@
+//! `tally-faults`: runs the fault scenarios against an isolated stack and prints the report.
+//! Normally started by `deploy/faults.sh`, which brings that stack up and down.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use rand::Rng as _;
+use tally_faults::checker::PipelineTiming;
+use tally_faults::load::LoadSettings;
+use tally_faults::report;
+use tally_faults::runner::{Suite, run_scenario};
+use tally_faults::scenarios::{SuiteLength, all_scenarios};
+use tally_faults::stack::{Stack, StackPorts};
+
+/// Fault-injection suite for Tally: load, faults, and a Jepsen-style counter check.
+#[derive(Debug, Parser)]
+#[command(name = "tally-faults")]
+struct Cli {
+    /// The long version: about a minute of load per scenario, every fault repeated.
+    #[arg(long)]
+    long: bool,
+    /// Run only this scenario (repeatable). Default: all of them.
+    #[arg(long = "scenario", value_name = "NAME")]
+    scenarios: Vec<String>,
+    /// List the scenarios and exit.
+    #[arg(long)]
+    list: bool,
+    /// Seed of every random choice (load, fault order, gaps), to repeat a run. Default: random.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// The Tally binary to run.
+    #[arg(long, default_value = "target/debug/tally")]
+    tally_bin: PathBuf,
+    /// deploy/local of this repository, whose up.sh/down.sh restart the stack's servers.
+    #[arg(long, default_value = "deploy/local")]
+    scripts_dir: PathBuf,
+    /// The isolated stack's state directory (never the shared <repo>/.local).
+    #[arg(long, env = "TALLY_LOCAL_DIR")]
+    local_dir: Option<PathBuf>,
+    #[arg(long, env = "TALLY_REDIS_PORT", default_value_t = 16380)]
+    redis_port: u16,
+    #[arg(long, env = "TALLY_PG_PORT", default_value_t = 15433)]
+    postgres_port: u16,
+    #[arg(long, env = "TALLY_KAFKA_PORT", default_value_t = 19092)]
+    kafka_port: u16,
+    #[arg(long, env = "TALLY_KAFKA_CONTROLLER_PORT", default_value_t = 19093)]
+    kafka_controller_port: u16,
+    /// Where the processes' logs and the report go. Default: <local-dir>/run.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(error) => {
+            eprintln!("tally-faults: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `Ok(true)` when every scenario passed.
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let length = if cli.long { SuiteLength::Long } else { SuiteLength::Short };
+    let seed = cli.seed.unwrap_or_else(|| rand::rng().random());
+    let mut scenarios = all_scenarios(length, seed);
+    if cli.list {
+        for scenario in &scenarios {
+            println!("{:<20} {}", scenario.name, scenario.description);
+        }
+        return Ok(true);
+    }
+    if !cli.scenarios.is_empty() {
+        for wanted in &cli.scenarios {
+            if !scenarios.iter().any(|scenario| scenario.name == wanted) {
+                bail!("no scenario named {wanted:?} (see --list)");
+            }
+        }
+        scenarios.retain(|scenario| cli.scenarios.iter().any(|wanted| wanted == scenario.name));
+    }
+    let local_dir = cli
+        .local_dir
+        .context("--local-dir (or TALLY_LOCAL_DIR) must name the isolated stack's directory")?;
+    let work_dir = cli.work_dir.unwrap_or_else(|| local_dir.join("run"));
+    std::fs::create_dir_all(&work_dir)?;
+    let tally_binary = cli
+        .tally_bin
+        .canonicalize()
+        .with_context(|| format!("no tally binary at {}", cli.tally_bin.display()))?;
+    let stack = Stack::new(
+        &cli.scripts_dir,
+        &local_dir,
+        StackPorts {
+            redis: cli.redis_port,
+            postgres: cli.postgres_port,
+            kafka: cli.kafka_port,
+            kafka_controller: cli.kafka_controller_port,
+        },
+        &work_dir.join("stack.log"),
+    )?;
+    let suite = Suite {
+        stack,
+        tally_binary,
+        work_dir: work_dir.clone(),
+        run_id: format!("{:06x}", rand::rng().random::<u32>() & 0xff_ffff),
+        seed,
+        load: LoadSettings::suite_default(),
+        timing: PipelineTiming::SUITE,
+        kafka_partitions: 3,
+        drain_timeout: if cli.long { Duration::from_secs(180) } else { Duration::from_secs(90) },
+    };
+    let header = format!(
+        "## Tally fault-injection suite ({}, seed {seed}, run {})",
+        if cli.long { "long" } else { "short" },
+        suite.run_id
+    );
+    eprintln!("{header}; logs in {}", work_dir.display());
+    let mut results = Vec::new();
+    for scenario in &scenarios {
+        eprintln!("▶ {}: {}", scenario.name, scenario.description);
+        let result = run_scenario(&suite, scenario).await;
+        eprintln!(
+            "  {} {} in {:.0}s",
+            scenario.name,
+            if result.passed() { "passed" } else { "FAILED" },
+            result.elapsed.as_secs_f64()
+        );
+        results.push(result);
+    }
+    let markdown = report::markdown(&results, &header);
+    println!("{markdown}");
+    let report_path = work_dir.join("report.md");
+    std::fs::write(&report_path, &markdown)?;
+    eprintln!("report written to {}", report_path.display());
+    Ok(results.iter().all(|result| result.passed()))
+}
