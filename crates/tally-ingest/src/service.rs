@@ -80,7 +80,28 @@ pub struct IngestService {
     /// std Mutex: held only for a map update, never across an await.
     hot_names: Mutex<HotNames>,
     group_commit: GroupCommit,
+    redis_failure_log: LogThrottle,
     pub(crate) batch_max_items: usize,
+}
+
+/// Lets one log line through per interval.
+#[derive(Default)]
+struct LogThrottle {
+    last_logged_ms: std::sync::atomic::AtomicI64,
+}
+
+impl LogThrottle {
+    const INTERVAL_MS: i64 = 10_000;
+
+    fn should_log(&self, now_ms: i64) -> bool {
+        use std::sync::atomic::Ordering;
+        let last = self.last_logged_ms.load(Ordering::Relaxed);
+        now_ms - last >= Self::INTERVAL_MS
+            && self
+                .last_logged_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
 }
 
 impl IngestService {
@@ -104,6 +125,7 @@ impl IngestService {
             idempotency_window_secs: pipeline.idempotency_window_secs,
             hot_names: Mutex::new(HotNames::new(config.shard_policy())),
             group_commit: GroupCommit::default(),
+            redis_failure_log: LogThrottle::default(),
             batch_max_items: config.batch_max_items,
         }
     }
@@ -401,7 +423,13 @@ impl IngestService {
         let mut redis = self.redis.clone();
         if let Err(error) = pipeline.query_async::<()>(&mut redis).await {
             metrics::REDIS_FAILURES.inc_by(commands);
-            warn!(%error, batch.size = commands, "redis incrby failed; reads catch up when the window closes");
+            // While Redis is down every request fails here: say so once in a while, not per
+            // request; the metric counts them all.
+            if self.redis_failure_log.should_log(now) {
+                warn!(%error, batch.size = commands, "redis incrby failed; reads catch up when the window closes");
+            } else {
+                debug!(%error, "redis incrby failed");
+            }
         }
     }
 }
