@@ -88,7 +88,7 @@ totals AS (
             kafka_partition = excluded.kafka_partition,
             last_window_start = GREATEST(c.last_window_start, excluded.last_window_start),
             updated_at = now()
-    RETURNING name, total, version
+    RETURNING name, total, version, kafka_partition
 ),
 offsets AS (
     INSERT INTO consumer_offsets AS o
@@ -101,11 +101,14 @@ offsets AS (
             updated_at = now()
     RETURNING kafka_partition
 )
-SELECT 'window' AS kind, name, window_start_ms, sum AS value, 0::bigint AS version FROM windows
+SELECT 'window' AS kind, name, window_start_ms, sum AS value, 0::bigint AS version,
+       0 AS kafka_partition
+FROM windows
 UNION ALL
-SELECT 'total', name, 0::bigint, total, version FROM totals
+SELECT 'total', name, 0::bigint, total, version, kafka_partition FROM totals
 UNION ALL
-SELECT 'duplicates', '', 0::bigint, coalesce(sum(increments), 0)::bigint, 0::bigint FROM applied_before
+SELECT 'duplicates', '', 0::bigint, coalesce(sum(increments), 0)::bigint, 0::bigint, 0
+FROM applied_before
 "#;
 
 pub(crate) async fn commit_window(
@@ -177,11 +180,13 @@ pub(crate) async fn commit_window(
                 name,
                 version: 0,
                 total: 0,
+                partition: 0,
                 windows: Vec::new(),
             });
         if kind == "total" {
             summary.total = row.try_get("value")?;
             summary.version = row.try_get("version")?;
+            summary.partition = row.try_get("kafka_partition")?;
         } else {
             summary
                 .windows

@@ -10,7 +10,7 @@
 //! |---|---|---|---|
 //! | `{}P:d:W:S:NAME` | string | ingest (`INCRBY`) | increments of window `W` on shard `S` |
 //! | `{}P:n:W:NAME` | string | ingest | shard count of window `W` when above 1 |
-//! | `{}P:s:NAME` | hash | aggregator, replay | PostgreSQL summary: `total`, `version`, `w:W` window sums |
+//! | `{}P:s:NAME` | hash | aggregator, replay | PostgreSQL summary: `total`, `version`, `partition`, `w:W` window sums |
 //! | `{}P:closed` | hash | aggregator, replay | per partition: latest closed window; `partitions` |
 //! | `{}P:meta` | hash | replay | `epoch` and `valid_from`: deltas are complete from this window on |
 //! | `{}P:i:KEY` | string | ingest | `BY:COUNTER` of an idempotency key already acknowledged |
@@ -18,6 +18,7 @@
 /// The names of the fields in a summary hash.
 pub const SUMMARY_TOTAL_FIELD: &str = "total";
 pub const SUMMARY_VERSION_FIELD: &str = "version";
+pub const SUMMARY_PARTITION_FIELD: &str = "partition";
 pub const SUMMARY_WINDOW_FIELD_PREFIX: &str = "w:";
 /// The names of the fields in the meta hash.
 pub const META_EPOCH_FIELD: &str = "epoch";

@@ -7,7 +7,7 @@
 
 /// Applies one aggregator commit to a counter's summary.
 ///
-/// `KEYS[1]` = summary key. `ARGV` = version, total, prune_before_ms, then pairs of
+/// `KEYS[1]` = summary key. `ARGV` = version, total, partition, prune_before_ms, then pairs of
 /// (window_start_ms, window_sum) for the windows the commit touched.
 ///
 /// Returns 1 when applied, 0 when the summary already has this version or a newer one, and -1
@@ -18,11 +18,11 @@ local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local version = tonumber(ARGV[1])
 if stored >= version then return 0 end
 if stored ~= version - 1 then return -1 end
-redis.call('HSET', KEYS[1], 'version', ARGV[1], 'total', ARGV[2])
-for i = 4, #ARGV, 2 do
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'total', ARGV[2], 'partition', ARGV[3])
+for i = 5, #ARGV, 2 do
   redis.call('HSET', KEYS[1], 'w:' .. ARGV[i], ARGV[i + 1])
 end
-local prune_before = tonumber(ARGV[3])
+local prune_before = tonumber(ARGV[4])
 for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.sub(field, 1, 2) == 'w:' and tonumber(string.sub(field, 3)) < prune_before then
     redis.call('HDEL', KEYS[1], field)
@@ -34,14 +34,14 @@ return 1
 /// Replaces a counter's summary with a full copy read from PostgreSQL, unless Redis already
 /// holds a newer version.
 ///
-/// `KEYS[1]` = summary key. `ARGV` = version, total, then pairs of (window_start_ms, window_sum)
-/// for every recent window. Returns 1 when written, 0 when skipped.
+/// `KEYS[1]` = summary key. `ARGV` = version, total, partition, then pairs of
+/// (window_start_ms, window_sum) for every recent window. Returns 1 when written, 0 when skipped.
 pub const REPLACE_SUMMARY: &str = r#"
 local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 if stored > tonumber(ARGV[1]) then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'version', ARGV[1], 'total', ARGV[2])
-for i = 3, #ARGV, 2 do
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'total', ARGV[2], 'partition', ARGV[3])
+for i = 4, #ARGV, 2 do
   redis.call('HSET', KEYS[1], 'w:' .. ARGV[i], ARGV[i + 1])
 end
 return 1

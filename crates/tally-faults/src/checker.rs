@@ -129,7 +129,9 @@ impl StalenessAllowances {
                     && fault.started_at < read.invoked_at
                     && fault.healed_at + self.aggregation_recovery > acked_at
             })
-            .map(|fault| fault.healed_at.saturating_sub(fault.started_at) + self.aggregation_recovery)
+            .map(|fault| {
+                fault.healed_at.saturating_sub(fault.started_at) + self.aggregation_recovery
+            })
             .sum();
         self.stale_read + stalled
     }
@@ -336,7 +338,11 @@ pub fn check_reads(
 ) -> ReadCheck {
     let mut acknowledged: Vec<(Duration, i64)> = increments
         .iter()
-        .filter_map(|increment| increment.acked_at().map(|acked_at| (acked_at, increment.by)))
+        .filter_map(|increment| {
+            increment
+                .acked_at()
+                .map(|acked_at| (acked_at, increment.by))
+        })
         .collect();
     acknowledged.sort();
     let mut check = ReadCheck::default();
@@ -537,10 +543,19 @@ mod tests {
     #[test]
     fn a_correct_history_has_no_violation() {
         let increments = [acknowledged(5, 0, 100), acknowledged(3, 200, 300)];
-        let reads = [read(0, 50, 60, false), read(5, 150, 160, false), read(8, 4_000, 4_010, false)];
+        let reads = [
+            read(0, 50, 60, false),
+            read(5, 150, 160, false),
+            read(8, 4_000, 4_010, false),
+        ];
         assert_eq!(reads_violations(&increments, &reads, &[]), vec![]);
         assert_eq!(
-            check_final(ClientMode::SingleAttempt, COUNTER, &increments, &agreeing(8)),
+            check_final(
+                ClientMode::SingleAttempt,
+                COUNTER,
+                &increments,
+                &agreeing(8)
+            ),
             vec![]
         );
     }
@@ -548,7 +563,12 @@ mod tests {
     #[test]
     fn a_lost_acknowledged_increment_fails_the_final_check() {
         let increments = [acknowledged(5, 0, 100), acknowledged(3, 200, 300)];
-        let violations = check_final(ClientMode::SingleAttempt, COUNTER, &increments, &agreeing(5));
+        let violations = check_final(
+            ClientMode::SingleAttempt,
+            COUNTER,
+            &increments,
+            &agreeing(5),
+        );
         assert_eq!(
             violations,
             vec![Violation::LostIncrements {
@@ -563,8 +583,12 @@ mod tests {
     #[test]
     fn a_lost_increment_also_fails_the_retry_mode_check() {
         let increments = [acknowledged(5, 0, 100), acknowledged(3, 200, 300)];
-        let violations =
-            check_final(ClientMode::RetryWithSameKey, COUNTER, &increments, &agreeing(5));
+        let violations = check_final(
+            ClientMode::RetryWithSameKey,
+            COUNTER,
+            &increments,
+            &agreeing(5),
+        );
         assert_eq!(
             violations,
             vec![Violation::NotExactAfterRetries {
@@ -591,7 +615,12 @@ mod tests {
         // Retried with its key until acknowledged, then counted twice (a 503 that had landed
         // plus the retry): exact sum 7, final 9.
         let retried = [acknowledged(5, 0, 100), acknowledged(2, 200, 2_500)];
-        let violations = check_final(ClientMode::RetryWithSameKey, COUNTER, &retried, &agreeing(9));
+        let violations = check_final(
+            ClientMode::RetryWithSameKey,
+            COUNTER,
+            &retried,
+            &agreeing(9),
+        );
         assert_eq!(
             violations,
             vec![Violation::NotExactAfterRetries {
@@ -608,7 +637,12 @@ mod tests {
         let increments = [acknowledged(5, 0, 100), indeterminate(3, 200)];
         for landed in [5, 8] {
             assert_eq!(
-                check_final(ClientMode::SingleAttempt, COUNTER, &increments, &agreeing(landed)),
+                check_final(
+                    ClientMode::SingleAttempt,
+                    COUNTER,
+                    &increments,
+                    &agreeing(landed)
+                ),
                 vec![],
                 "final {landed} is within [5, 8]"
             );
@@ -634,7 +668,12 @@ mod tests {
     fn a_failed_increment_must_not_count() {
         let increments = [acknowledged(5, 0, 100), failed(3, 200)];
         assert_eq!(
-            check_final(ClientMode::SingleAttempt, COUNTER, &increments, &agreeing(8)),
+            check_final(
+                ClientMode::SingleAttempt,
+                COUNTER,
+                &increments,
+                &agreeing(8)
+            ),
             vec![Violation::CountedTwice {
                 counter: COUNTER.into(),
                 final_value: 8,
@@ -732,7 +771,12 @@ mod tests {
     fn retry_mode_requires_every_increment_acknowledged() {
         let increments = [acknowledged(5, 0, 100), indeterminate(3, 200)];
         assert_eq!(
-            check_final(ClientMode::RetryWithSameKey, COUNTER, &increments, &agreeing(8)),
+            check_final(
+                ClientMode::RetryWithSameKey,
+                COUNTER,
+                &increments,
+                &agreeing(8)
+            ),
             vec![Violation::UnacknowledgedAfterRetries {
                 counter: COUNTER.into(),
                 unresolved_count: 1,
@@ -765,13 +809,22 @@ mod tests {
             acknowledged(2, 2_000, 3_000),
         ];
         let check = |value| {
-            check_reads(&increments, &[read(value, 3_500, 3_510, false)], &[], &allowances())
-                .max_lag
-                .unwrap()
-                .lag
+            check_reads(
+                &increments,
+                &[read(value, 3_500, 3_510, false)],
+                &[],
+                &allowances(),
+            )
+            .max_lag
+            .unwrap()
+            .lag
         };
         assert_eq!(check(10), Duration::ZERO);
-        assert_eq!(check(8), at(500), "misses the increment acknowledged at 3.0 s");
+        assert_eq!(
+            check(8),
+            at(500),
+            "misses the increment acknowledged at 3.0 s"
+        );
         assert_eq!(check(5), at(1_500), "misses those from 2.0 s on");
         assert_eq!(check(0), at(2_500));
     }

@@ -119,7 +119,9 @@ impl TallyClient {
         let increments: Vec<serde_json::Value> = items
             .iter()
             .map(|item| match &item.idempotency_key {
-                Some(key) => json!({ "counter": item.counter, "by": item.by, "idempotency_key": key }),
+                Some(key) => {
+                    json!({ "counter": item.counter, "by": item.by, "idempotency_key": key })
+                }
                 None => json!({ "counter": item.counter, "by": item.by }),
             })
             .collect();
@@ -145,7 +147,10 @@ impl TallyClient {
     pub async fn read(&self, counter: &str, fresh: bool) -> Result<CounterRead, String> {
         let response = self
             .http
-            .get(format!("{}/v1/counters/{counter}?fresh={fresh}", self.base_url))
+            .get(format!(
+                "{}/v1/counters/{counter}?fresh={fresh}",
+                self.base_url
+            ))
             .send()
             .await
             .map_err(|error| transport_error_kind(&error))?;

@@ -111,11 +111,13 @@ pub async fn drain(
                     .collect();
                 let stable = previous_postgres.as_ref() == Some(&postgres);
                 previous_postgres = Some(postgres);
-                let disagreeing = observed
-                    .iter()
-                    .find(|(_, values)| values.redis != Some(values.postgres) || values.read != Some(values.postgres));
+                let disagreeing = observed.iter().find(|(_, values)| {
+                    values.redis != Some(values.postgres) || values.read != Some(values.postgres)
+                });
                 let why = match (unapplied, disagreeing) {
-                    (Some(unapplied), _) => Some(format!("not every Kafka record applied ({unapplied})")),
+                    (Some(unapplied), _) => {
+                        Some(format!("not every Kafka record applied ({unapplied})"))
+                    }
                     (None, Some((counter, values))) => Some(format!(
                         "{counter}: postgres {} vs redis {:?} vs read {:?}",
                         values.postgres, values.redis, values.read

@@ -87,7 +87,9 @@ pub struct ClientSetup {
 /// Runs one client until `stop` is set and returns what it saw.
 pub async fn run_client(setup: ClientSetup) -> ClientReport {
     let mut client = Client {
-        rng: StdRng::seed_from_u64(setup.seed ^ (setup.index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        rng: StdRng::seed_from_u64(
+            setup.seed ^ (setup.index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        ),
         counters: counter_names(setup.mode, setup.settings.counters_per_mode),
         next_key: 0,
         report: ClientReport {
@@ -126,7 +128,8 @@ impl Client {
             self.read().await;
             return;
         }
-        let batch = self.counters.len() > 1 && self.rng.random_bool(self.setup.settings.batch_share);
+        let batch =
+            self.counters.len() > 1 && self.rng.random_bool(self.setup.settings.batch_share);
         let counters: Vec<String> = if batch {
             let size = self.rng.random_range(2..=self.counters.len());
             self.counters
@@ -134,7 +137,12 @@ impl Client {
                 .cloned()
                 .collect()
         } else {
-            vec![self.counters.choose(&mut self.rng).cloned().unwrap_or_default()]
+            vec![
+                self.counters
+                    .choose(&mut self.rng)
+                    .cloned()
+                    .unwrap_or_default(),
+            ]
         };
         let items: Vec<BatchItem> = counters
             .into_iter()
@@ -161,7 +169,11 @@ impl Client {
     }
 
     async fn read(&mut self) {
-        let counter = self.counters.choose(&mut self.rng).cloned().unwrap_or_default();
+        let counter = self
+            .counters
+            .choose(&mut self.rng)
+            .cloned()
+            .unwrap_or_default();
         let fresh = self.rng.random_bool(0.5);
         let invoked_at = self.now();
         match self.setup.tally.read(&counter, fresh).await {
@@ -209,7 +221,8 @@ impl Client {
                     if attempt_number == 1 && duplicates > 0 {
                         // A key never sent before cannot be a duplicate: that increment was
                         // not counted at all.
-                        attempts.note_unexpected("\"duplicate\": true on a first attempt", duplicates);
+                        attempts
+                            .note_unexpected("\"duplicate\": true on a first attempt", duplicates);
                     }
                     break IncrementOutcome::Acknowledged {
                         acked_at: self.now(),
@@ -241,7 +254,8 @@ impl Client {
                 } => {
                     attempts.indeterminate += item_count;
                     if let Some(unexpected) = unexpected {
-                        attempts.note_unexpected(format!("{unexpected} on an increment"), item_count);
+                        attempts
+                            .note_unexpected(format!("{unexpected} on an increment"), item_count);
                     }
                     sent_maybe_counted = true;
                     if !retries {

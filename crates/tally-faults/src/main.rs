@@ -67,7 +67,11 @@ async fn main() -> ExitCode {
 
 /// `Ok(true)` when every scenario passed.
 async fn run(cli: Cli) -> anyhow::Result<bool> {
-    let length = if cli.long { SuiteLength::Long } else { SuiteLength::Short };
+    let length = if cli.long {
+        SuiteLength::Long
+    } else {
+        SuiteLength::Short
+    };
     let seed = cli.seed.unwrap_or_else(|| rand::rng().random());
     let mut scenarios = all_scenarios(length, seed);
     if cli.list {
@@ -89,10 +93,16 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         .context("--local-dir (or TALLY_LOCAL_DIR) must name the isolated stack's directory")?;
     let work_dir = cli.work_dir.unwrap_or_else(|| local_dir.join("run"));
     std::fs::create_dir_all(&work_dir)?;
-    let tally_binary = cli
-        .tally_bin
-        .canonicalize()
-        .with_context(|| format!("no tally binary at {}", cli.tally_bin.display()))?;
+    // Run a private copy: other people rebuild target/*/tally while the suite runs, and a
+    // process restarted by a fault must run the same code as the one it replaces.
+    let tally_binary = work_dir.join("tally");
+    std::fs::copy(&cli.tally_bin, &tally_binary).with_context(|| {
+        format!(
+            "copying the tally binary {} (build it with `cargo build -p tally`)",
+            cli.tally_bin.display()
+        )
+    })?;
+    let tally_binary = tally_binary.canonicalize()?;
     let stack = Stack::new(
         &cli.scripts_dir,
         &local_dir,
@@ -113,7 +123,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         load: LoadSettings::suite_default(),
         timing: PipelineTiming::SUITE,
         kafka_partitions: 3,
-        drain_timeout: if cli.long { Duration::from_secs(180) } else { Duration::from_secs(90) },
+        drain_timeout: if cli.long {
+            Duration::from_secs(180)
+        } else {
+            Duration::from_secs(90)
+        },
     };
     let header = format!(
         "## Tally fault-injection suite ({}, seed {seed}, run {})",

@@ -65,7 +65,10 @@ impl TallySettings {
             .await
             .with_context(|| format!("running {} migrate", self.binary.display()))?;
         if !status.success() {
-            bail!("tally migrate failed with {status}; see {}", self.log_dir.join("migrate.log").display());
+            bail!(
+                "tally migrate failed with {status}; see {}",
+                self.log_dir.join("migrate.log").display()
+            );
         }
         Ok(())
     }
@@ -133,7 +136,12 @@ impl TallyProcess {
     pub fn spawn(&mut self) -> anyhow::Result<()> {
         let timing = &self.settings.timing;
         let mut log = open_log(&self.log_path())?;
-        writeln!(log, "=== tally-faults: starting {} ({}) ===", self.name, self.roles.flag())?;
+        writeln!(
+            log,
+            "=== tally-faults: starting {} ({}) ===",
+            self.name,
+            self.roles.flag()
+        )?;
         let mut command = tally_command(&self.settings.binary);
         command
             .arg("serve")
@@ -184,7 +192,10 @@ impl TallyProcess {
 
     /// `kill -9`, and reap it.
     pub async fn kill_hard(&mut self) -> anyhow::Result<()> {
-        let mut child = self.child.take().with_context(|| format!("{} is not running", self.name))?;
+        let mut child = self
+            .child
+            .take()
+            .with_context(|| format!("{} is not running", self.name))?;
         child.start_kill()?;
         child.wait().await?;
         self.forget_pid();

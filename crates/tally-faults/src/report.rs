@@ -16,7 +16,10 @@ pub fn markdown(results: &[ScenarioResult], header: &str) -> String {
         out,
         "| scenario | mode | increments | ok | failed | indeterminate | duplicates absorbed | reads | expected | final postgres | final redis | final read | max read lag | verdict |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|");
+    let _ = writeln!(
+        out,
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|"
+    );
     for result in results {
         if let Some(error) = &result.harness_error {
             let _ = writeln!(
@@ -47,11 +50,9 @@ pub fn markdown(results: &[ScenarioResult], header: &str) -> String {
 fn row(result: &ScenarioResult, mode: &ModeResult) -> String {
     let attempts = &mode.attempts;
     let expected = match mode.mode {
-        ClientMode::SingleAttempt => format!(
-            "{}..={}",
-            mode.sums.acknowledged,
-            mode.sums.upper_bound()
-        ),
+        ClientMode::SingleAttempt => {
+            format!("{}..={}", mode.sums.acknowledged, mode.sums.upper_bound())
+        }
         ClientMode::RetryWithSameKey => format!("= {}", mode.sums.intended),
     };
     let lag = mode.max_lag.as_ref().map_or_else(
@@ -92,13 +93,24 @@ fn details(out: &mut String, result: &ScenarioResult) {
         result.description,
         result.elapsed.as_secs_f64(),
         result.drain_waited.as_secs_f64(),
-        if result.drained { "" } else { " (did not drain)" }
+        if result.drained {
+            ""
+        } else {
+            " (did not drain)"
+        }
     );
     if !result.faults.is_empty() {
         let faults: Vec<String> = result
             .faults
             .iter()
-            .map(|fault| format!("{} {}–{}", fault.kind.name(), seconds(fault.started_at), seconds(fault.healed_at)))
+            .map(|fault| {
+                format!(
+                    "{} {}–{}",
+                    fault.kind.name(),
+                    seconds(fault.started_at),
+                    seconds(fault.healed_at)
+                )
+            })
             .collect();
         let _ = writeln!(out, "\n- faults: {}", faults.join("; "));
     }

@@ -119,7 +119,14 @@ impl Processes {
     async fn start(settings: &TallySettings, aggregators: usize) -> anyhow::Result<Self> {
         let mut started = Vec::new();
         for index in 0..aggregators {
-            started.push(TallyProcess::start(&format!("aggregator-{index}"), RoleSet::Aggregator, settings).await?);
+            started.push(
+                TallyProcess::start(
+                    &format!("aggregator-{index}"),
+                    RoleSet::Aggregator,
+                    settings,
+                )
+                .await?,
+            );
         }
         Ok(Processes {
             ingest: TallyProcess::start("ingest", RoleSet::IngestAndRead, settings).await?,
@@ -133,7 +140,11 @@ impl Processes {
 
     /// Acts as a supervisor: a process that exited without us stopping it is noted and started
     /// again.
-    fn restart_the_exited(&mut self, clock: Instant, notes: &mut Vec<String>) -> anyhow::Result<()> {
+    fn restart_the_exited(
+        &mut self,
+        clock: Instant,
+        notes: &mut Vec<String>,
+    ) -> anyhow::Result<()> {
         for process in self.all_mut() {
             if let Some(status) = process.exited_by_itself() {
                 notes.push(format!(
@@ -154,8 +165,13 @@ impl Processes {
             }
             match process.terminate(SHUTDOWN_PATIENCE).await {
                 Ok(status) if status.success() => {}
-                Ok(status) => notes.push(format!("{} exited with {status} after SIGTERM at the end", process.name)),
-                Err(error) => notes.push(format!("{} could not be stopped: {error:#}", process.name)),
+                Ok(status) => notes.push(format!(
+                    "{} exited with {status} after SIGTERM at the end",
+                    process.name
+                )),
+                Err(error) => {
+                    notes.push(format!("{} could not be stopped: {error:#}", process.name))
+                }
             }
         }
     }
@@ -296,7 +312,13 @@ async fn run_faults(
 ) -> anyhow::Result<()> {
     let mut last_healed = Duration::ZERO;
     for step in &scenario.steps {
-        supervise_until(processes, clock, last_healed + step.gap_before, &mut result.notes).await?;
+        supervise_until(
+            processes,
+            clock,
+            last_healed + step.gap_before,
+            &mut result.notes,
+        )
+        .await?;
         let started_at = clock.elapsed();
         perform(suite, step.action, processes, tally, &mut result.notes).await?;
         last_healed = clock.elapsed();
@@ -306,7 +328,9 @@ async fn run_faults(
             healed_at: last_healed,
         });
     }
-    let load_until = scenario.min_load.max(last_healed + scenario.load_after_faults);
+    let load_until = scenario
+        .min_load
+        .max(last_healed + scenario.load_after_faults);
     supervise_until(processes, clock, load_until, &mut result.notes).await
 }
 
@@ -343,19 +367,28 @@ async fn perform(
             aggregator.spawn()?;
         }
         FaultAction::RestartKafka { down_for } => restart(stack, Service::Kafka, down_for).await?,
-        FaultAction::RestartRedisEmpty { down_for } => restart(stack, Service::Redis, down_for).await?,
-        FaultAction::RestartPostgres { down_for } => restart(stack, Service::Postgres, down_for).await?,
+        FaultAction::RestartRedisEmpty { down_for } => {
+            restart(stack, Service::Redis, down_for).await?
+        }
+        FaultAction::RestartPostgres { down_for } => {
+            restart(stack, Service::Postgres, down_for).await?
+        }
         FaultAction::SigtermIngest { down_for } => {
             let status = processes.ingest.terminate(SHUTDOWN_PATIENCE).await?;
             if !status.success() {
-                notes.push(format!("ingest exited with {status} after SIGTERM under load"));
+                notes.push(format!(
+                    "ingest exited with {status} after SIGTERM under load"
+                ));
             }
             tokio::time::sleep(down_for).await;
             processes.ingest.spawn()?;
             // Healed once it answers again.
             let deadline = Instant::now() + STARTUP_TIMEOUT;
             while !tally.answers_ok("/healthz").await {
-                anyhow::ensure!(Instant::now() < deadline, "the restarted ingest never answered /healthz");
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the restarted ingest never answered /healthz"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -390,7 +423,10 @@ fn check_mode(
     allowances: &StalenessAllowances,
     counters_per_mode: usize,
 ) -> ModeResult {
-    let reports: Vec<&ClientReport> = reports.iter().filter(|report| report.mode == mode).collect();
+    let reports: Vec<&ClientReport> = reports
+        .iter()
+        .filter(|report| report.mode == mode)
+        .collect();
     let mut result = ModeResult {
         mode,
         attempts: AttemptTally::default(),
@@ -443,9 +479,14 @@ fn check_mode(
             read: None,
         });
         result.postgres += values.postgres;
-        result.redis = result.redis.zip(values.redis).map(|(sum, value)| sum + value);
+        result.redis = result
+            .redis
+            .zip(values.redis)
+            .map(|(sum, value)| sum + value);
         result.read = result.read.zip(values.read).map(|(sum, value)| sum + value);
-        result.violations.extend(check_final(mode, &counter, &increments, &values));
+        result
+            .violations
+            .extend(check_final(mode, &counter, &increments, &values));
     }
     result
 }

@@ -16,14 +16,30 @@ use crate::history::FaultKind;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultAction {
     /// `kill -9` aggregator number `which`, start it again `down_for` later.
-    KillAggregator { which: usize, down_for: Duration },
-    RestartKafka { down_for: Duration },
-    RestartRedisEmpty { down_for: Duration },
-    RestartPostgres { down_for: Duration },
+    KillAggregator {
+        which: usize,
+        down_for: Duration,
+    },
+    RestartKafka {
+        down_for: Duration,
+    },
+    RestartRedisEmpty {
+        down_for: Duration,
+    },
+    RestartPostgres {
+        down_for: Duration,
+    },
     /// SIGTERM the ingest and read process, wait for its clean exit, start it `down_for` later.
-    SigtermIngest { down_for: Duration },
-    PauseAggregator { which: usize, paused_for: Duration },
-    PauseRedis { paused_for: Duration },
+    SigtermIngest {
+        down_for: Duration,
+    },
+    PauseAggregator {
+        which: usize,
+        paused_for: Duration,
+    },
+    PauseRedis {
+        paused_for: Duration,
+    },
 }
 
 impl FaultAction {
@@ -90,18 +106,19 @@ pub fn all_scenarios(length: SuiteLength, seed: u64) -> Vec<Scenario> {
     let short = length == SuiteLength::Short;
     // In the long version every fault repeats: this many times, with random gaps.
     let repeats = if short { 1 } else { 6 };
-    let mut repeated = |action: FaultAction, first_gap_ms: u64, gap_ms: (u64, u64)| -> Vec<FaultStep> {
-        (0..repeats)
-            .map(|index| {
-                let gap = if index == 0 {
-                    first_gap_ms
-                } else {
-                    rng.random_range(gap_ms.0..=gap_ms.1)
-                };
-                step(gap, action)
-            })
-            .collect()
-    };
+    let mut repeated =
+        |action: FaultAction, first_gap_ms: u64, gap_ms: (u64, u64)| -> Vec<FaultStep> {
+            (0..repeats)
+                .map(|index| {
+                    let gap = if index == 0 {
+                        first_gap_ms
+                    } else {
+                        rng.random_range(gap_ms.0..=gap_ms.1)
+                    };
+                    step(gap, action)
+                })
+                .collect()
+        };
     let load_after_faults = if short { millis(2_000) } else { millis(5_000) };
     let min_load = if short { millis(4_000) } else { millis(60_000) };
     let scenario = |name, description: &str, aggregators, steps| Scenario {
@@ -117,7 +134,11 @@ pub fn all_scenarios(length: SuiteLength, seed: u64) -> Vec<Scenario> {
         which: 0,
         down_for: millis(500),
     };
-    let mut kill_steps = vec![step(1_000, kill_aggregator), step(1_500, kill_aggregator), step(1_500, kill_aggregator)];
+    let mut kill_steps = vec![
+        step(1_000, kill_aggregator),
+        step(1_500, kill_aggregator),
+        step(1_500, kill_aggregator),
+    ];
     if !short {
         kill_steps.extend(repeated(kill_aggregator, 3_000, (2_000, 8_000)));
     }
@@ -159,25 +180,49 @@ pub fn all_scenarios(length: SuiteLength, seed: u64) -> Vec<Scenario> {
             "restart-kafka",
             "stop the Kafka broker (controlled shutdown), start it 1 s later",
             1,
-            repeated(FaultAction::RestartKafka { down_for: millis(1_000) }, 1_000, (3_000, 8_000)),
+            repeated(
+                FaultAction::RestartKafka {
+                    down_for: millis(1_000),
+                },
+                1_000,
+                (3_000, 8_000),
+            ),
         ),
         scenario(
             "restart-redis-empty",
             "stop Redis, start it again empty 1 s later",
             1,
-            repeated(FaultAction::RestartRedisEmpty { down_for: millis(1_000) }, 1_000, (3_000, 8_000)),
+            repeated(
+                FaultAction::RestartRedisEmpty {
+                    down_for: millis(1_000),
+                },
+                1_000,
+                (3_000, 8_000),
+            ),
         ),
         scenario(
             "restart-postgres",
             "stop PostgreSQL (fast shutdown), start it 2 s later",
             1,
-            repeated(FaultAction::RestartPostgres { down_for: millis(2_000) }, 1_000, (3_000, 8_000)),
+            repeated(
+                FaultAction::RestartPostgres {
+                    down_for: millis(2_000),
+                },
+                1_000,
+                (3_000, 8_000),
+            ),
         ),
         scenario(
             "sigterm-ingest",
             "SIGTERM the ingest+read process under load, start it 1 s after it exited",
             1,
-            repeated(FaultAction::SigtermIngest { down_for: millis(1_000) }, 1_500, (3_000, 8_000)),
+            repeated(
+                FaultAction::SigtermIngest {
+                    down_for: millis(1_000),
+                },
+                1_500,
+                (3_000, 8_000),
+            ),
         ),
         scenario(
             "pause-aggregator",
@@ -189,7 +234,13 @@ pub fn all_scenarios(length: SuiteLength, seed: u64) -> Vec<Scenario> {
             "pause-redis",
             "SIGSTOP Redis for 2 s, then SIGCONT",
             1,
-            repeated(FaultAction::PauseRedis { paused_for: millis(2_000) }, 1_000, (3_000, 8_000)),
+            repeated(
+                FaultAction::PauseRedis {
+                    paused_for: millis(2_000),
+                },
+                1_000,
+                (3_000, 8_000),
+            ),
         ),
         mixed_scenario(&mut rng, short, min_load, load_after_faults),
     ]
@@ -211,19 +262,33 @@ fn mixed_scenario(
                 which: rng.random_range(0..2),
                 down_for: millis(500),
             },
-            FaultAction::RestartKafka { down_for: millis(1_000) },
-            FaultAction::RestartRedisEmpty { down_for: millis(1_000) },
-            FaultAction::RestartPostgres { down_for: millis(1_000) },
-            FaultAction::SigtermIngest { down_for: millis(500) },
+            FaultAction::RestartKafka {
+                down_for: millis(1_000),
+            },
+            FaultAction::RestartRedisEmpty {
+                down_for: millis(1_000),
+            },
+            FaultAction::RestartPostgres {
+                down_for: millis(1_000),
+            },
+            FaultAction::SigtermIngest {
+                down_for: millis(500),
+            },
             FaultAction::PauseAggregator {
                 which: rng.random_range(0..2),
                 paused_for: millis(3_000),
             },
-            FaultAction::PauseRedis { paused_for: millis(1_500) },
+            FaultAction::PauseRedis {
+                paused_for: millis(1_500),
+            },
         ];
         actions.shuffle(rng);
         for action in actions {
-            let gap = if short { 1_000 } else { rng.random_range(1_000..=5_000) };
+            let gap = if short {
+                1_000
+            } else {
+                rng.random_range(1_000..=5_000)
+            };
             steps.push(step(gap, action));
         }
     }
@@ -245,7 +310,10 @@ mod tests {
     #[test]
     fn every_fault_kind_has_a_scenario_and_the_mix_has_them_all() {
         let scenarios = all_scenarios(SuiteLength::Short, 7);
-        let mixed = scenarios.iter().find(|scenario| scenario.name == "mixed").unwrap();
+        let mixed = scenarios
+            .iter()
+            .find(|scenario| scenario.name == "mixed")
+            .unwrap();
         let kinds: std::collections::HashSet<FaultKind> =
             mixed.steps.iter().map(|step| step.action.kind()).collect();
         assert_eq!(kinds.len(), 7);
@@ -262,7 +330,10 @@ mod tests {
 
     #[test]
     fn the_same_seed_gives_the_same_scenarios() {
-        assert_eq!(all_scenarios(SuiteLength::Long, 42), all_scenarios(SuiteLength::Long, 42));
+        assert_eq!(
+            all_scenarios(SuiteLength::Long, 42),
+            all_scenarios(SuiteLength::Long, 42)
+        );
     }
 
     #[test]

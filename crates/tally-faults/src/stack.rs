@@ -70,9 +70,9 @@ impl Stack {
             "{} has no up.sh/down.sh",
             scripts_dir.display()
         );
-        let local_dir = local_dir
-            .canonicalize()
-            .with_context(|| format!("the stack directory {} does not exist", local_dir.display()))?;
+        let local_dir = local_dir.canonicalize().with_context(|| {
+            format!("the stack directory {} does not exist", local_dir.display())
+        })?;
         let repo_root = scripts_dir
             .parent()
             .and_then(Path::parent)
@@ -84,7 +84,12 @@ impl Stack {
                 local_dir.display()
             );
         }
-        for port in [ports.redis, ports.postgres, ports.kafka, ports.kafka_controller] {
+        for port in [
+            ports.redis,
+            ports.postgres,
+            ports.kafka,
+            ports.kafka_controller,
+        ] {
             ensure!(
                 !SHARED_STACK_PORTS.contains(&port),
                 "port {port} belongs to the shared stack; the suite restarts its servers, so it must run on other ports"
@@ -103,7 +108,10 @@ impl Stack {
     }
 
     pub fn database_url(&self, database: &str) -> String {
-        format!("postgres://tally:tally@127.0.0.1:{}/{database}", self.ports.postgres)
+        format!(
+            "postgres://tally:tally@127.0.0.1:{}/{database}",
+            self.ports.postgres
+        )
     }
 
     pub fn kafka_brokers(&self) -> String {
@@ -130,7 +138,10 @@ impl Stack {
             .env("TALLY_REDIS_PORT", self.ports.redis.to_string())
             .env("TALLY_PG_PORT", self.ports.postgres.to_string())
             .env("TALLY_KAFKA_PORT", self.ports.kafka.to_string())
-            .env("TALLY_KAFKA_CONTROLLER_PORT", self.ports.kafka_controller.to_string())
+            .env(
+                "TALLY_KAFKA_CONTROLLER_PORT",
+                self.ports.kafka_controller.to_string(),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

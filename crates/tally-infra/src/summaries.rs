@@ -15,6 +15,7 @@ pub struct CounterSummaryRow {
     pub name: String,
     pub version: i64,
     pub total: i64,
+    pub partition: i32,
     /// (window_start_ms, window_sum) pairs.
     pub windows: Vec<(i64, i64)>,
 }
@@ -37,6 +38,7 @@ pub async fn apply_commits(
         invocation
             .arg(commit.version)
             .arg(commit.total)
+            .arg(commit.partition)
             .arg(prune_before_ms);
         for (window_start_ms, sum) in &commit.windows {
             invocation.arg(window_start_ms).arg(sum);
@@ -66,7 +68,10 @@ pub async fn replace(
     let mut pipeline = pipeline_with_script(scripts::REPLACE_SUMMARY);
     for summary in summaries {
         let mut invocation = script.key(keys.summary(&summary.name));
-        invocation.arg(summary.version).arg(summary.total);
+        invocation
+            .arg(summary.version)
+            .arg(summary.total)
+            .arg(summary.partition);
         for (window_start_ms, sum) in &summary.windows {
             invocation.arg(window_start_ms).arg(sum);
         }
@@ -124,8 +129,22 @@ pub struct Watermark {
     pub epoch: String,
     /// Deltas are complete for windows starting at or after this.
     pub valid_from_ms: i64,
-    /// Every increment stamped with this window or earlier is in the summaries.
+    /// Every increment stamped with this window or earlier is in the summaries: the oldest
+    /// closed window over all partitions.
     pub closed_window_ms: i64,
+    /// The closed window of each partition, by partition number.
+    pub closed_by_partition: Vec<i64>,
+}
+
+impl Watermark {
+    /// The closed window that applies to a counter of `partition` (the oldest over all
+    /// partitions when the partition is unknown).
+    pub fn closed_for(&self, partition: Option<i32>) -> i64 {
+        partition
+            .and_then(|partition| usize::try_from(partition).ok())
+            .and_then(|partition| self.closed_by_partition.get(partition).copied())
+            .unwrap_or(self.closed_window_ms)
+    }
 }
 
 /// Why Redis cannot be trusted right now, when it can be reached.
@@ -169,25 +188,25 @@ fn parse_watermark(
     let partition_count: usize = field(closed, CLOSED_PARTITIONS_FIELD)
         .and_then(|value| value.parse().ok())
         .ok_or(WatermarkMissing::NoClosedWindows)?;
-    let mut closed_window_ms = i64::MAX;
-    for partition in 0..partition_count {
-        let partition_closed: i64 = field(closed, &partition.to_string())
-            .and_then(|value| value.parse().ok())
-            .ok_or(WatermarkMissing::NoClosedWindows)?;
-        closed_window_ms = closed_window_ms.min(partition_closed);
-    }
-    if partition_count == 0 {
-        return Err(WatermarkMissing::NoClosedWindows);
-    }
+    let closed_by_partition = (0..partition_count)
+        .map(|partition| field(closed, &partition.to_string()).and_then(|value| value.parse().ok()))
+        .collect::<Option<Vec<i64>>>()
+        .ok_or(WatermarkMissing::NoClosedWindows)?;
+    let closed_window_ms = closed_by_partition
+        .iter()
+        .copied()
+        .min()
+        .ok_or(WatermarkMissing::NoClosedWindows)?;
     Ok(Watermark {
         epoch,
         valid_from_ms,
         closed_window_ms,
+        closed_by_partition,
     })
 }
 
 const SUMMARY_SELECT: &str = "
-    SELECT c.name, c.total, c.version,
+    SELECT c.name, c.total, c.version, c.kafka_partition,
            coalesce(array_agg((extract(epoch FROM w.window_start) * 1000)::bigint
                               ORDER BY w.window_start) FILTER (WHERE w.name IS NOT NULL),
                     '{}') AS window_starts,
@@ -204,6 +223,7 @@ fn summary_from_row(row: &sqlx::postgres::PgRow) -> Result<CounterSummaryRow, sq
         name: row.try_get("name")?,
         total: row.try_get("total")?,
         version: row.try_get("version")?,
+        partition: row.try_get("kafka_partition")?,
         windows: window_starts.into_iter().zip(window_sums).collect(),
     })
 }
@@ -280,7 +300,8 @@ mod tests {
             Ok(Watermark {
                 epoch: "e1".into(),
                 valid_from_ms: 0,
-                closed_window_ms: 10_000
+                closed_window_ms: 10_000,
+                closed_by_partition: vec![15_000, 10_000],
             })
         );
     }

@@ -153,7 +153,8 @@ impl RedisValues<'_> {
                 }
                 open_windows.push((*window, delta));
             }
-            values.push(combine_value(summary, &open_windows));
+            let closed_for_counter = watermark.closed_for(summary.partition);
+            values.push(combine_value(summary, closed_for_counter, &open_windows));
         }
         Ok(Ok(values))
     }
