@@ -42,6 +42,9 @@ pub(crate) struct Shared {
     /// std Mutex, not tokio's: it is only ever locked on the consumer thread, never across an
     /// await.
     pub(crate) pending: Mutex<PendingWindow>,
+    /// Set by an assignment: commit (and publish closed windows) on the next loop rather than
+    /// a whole window later, so reads can use Redis right after a start or a rebalance.
+    pub(crate) flush_soon: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) struct AggregatorContext {
@@ -97,6 +100,9 @@ impl ConsumerContext for AggregatorContext {
             error!(%error, "failed to assign partitions");
             return;
         }
+        shared
+            .flush_soon
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         info!(kafka.partitions = ?assigned, "partitions assigned from the offsets in postgres");
     }
 }
@@ -145,7 +151,10 @@ pub(crate) fn run_blocking(consumer: BaseConsumer<AggregatorContext>, partition_
             Some(Err(error)) => warn!(%error, "kafka consumer error"),
             None => {}
         }
-        if Instant::now() >= next_flush {
+        let assigned_just_now = shared
+            .flush_soon
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        if assigned_just_now || Instant::now() >= next_flush {
             flush(&consumer, &shared, partition_count);
             next_flush = Instant::now() + window_length;
         }

@@ -66,6 +66,7 @@ impl Aggregator {
             idempotency_window_secs: pipeline.idempotency_window_secs,
             cancel,
             pending: Mutex::new(PendingWindow::default()),
+            flush_soon: std::sync::atomic::AtomicBool::new(false),
         });
         let consumer: BaseConsumer<AggregatorContext> = ClientConfig::new()
             .set("bootstrap.servers", &store.kafka_brokers)
