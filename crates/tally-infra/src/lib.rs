@@ -4,7 +4,8 @@
 //! - [`config`]: every setting, as a flag and a `TALLY_*` environment variable;
 //! - [`kafka`], [`redis_store`], [`postgres`]: how to connect, with the settings the promises
 //!   depend on (acks=all, the idempotent producer, manual offsets, timeouts);
-//! - [`problem`]: the one mapping from errors users see to `application/problem+json`;
+//! - [`problem`]: the one mapping from errors users see to `application/problem+json`, and
+//!   [`counter_path`] for the `{name}` segment every counter route takes;
 //! - [`metrics`]: the Prometheus registry rendered by `/metrics`;
 //! - [`clock`]: wall-clock milliseconds.
 //!
@@ -12,6 +13,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod counter_path;
 pub mod kafka;
 pub mod metrics;
 pub mod postgres;

@@ -11,10 +11,11 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
-use tally_core::{Amount, CounterName, CounterNameError, IdempotencyKey};
+use tally_core::{Amount, CounterName, IdempotencyKey};
 
 use crate::service::ProduceError;
 use tally_infra::Problem;
+use tally_infra::counter_path::counter_name_from_path;
 use tracing::instrument;
 
 use crate::service::{IncrementItem, IngestError, IngestService};
@@ -422,28 +423,6 @@ fn reject_unknown_members(object: &Map<String, Value>, known: &[&str]) -> Result
         ))),
         None => Ok(()),
     }
-}
-
-/// Turns the `{name}` path segment into a counter name, or a `400` that says what is wrong.
-pub fn counter_name_from_path(
-    name: Result<Path<String>, PathRejection>,
-) -> Result<CounterName, Problem> {
-    let name = match name {
-        Ok(Path(name)) => name,
-        // The router already matched the route, so the only way extraction fails is a segment
-        // that is not UTF-8 once percent-decoded.
-        Err(_) => return Err(invalid_name(CounterNameError::NotUtf8.to_string())),
-    };
-    CounterName::parse(name).map_err(|error| invalid_name(error.to_string()))
-}
-
-pub fn invalid_name(detail: String) -> Problem {
-    Problem::new(
-        StatusCode::BAD_REQUEST,
-        "invalid-counter-name",
-        "Invalid counter name",
-        detail,
-    )
 }
 
 fn invalid_amount(detail: String) -> Problem {

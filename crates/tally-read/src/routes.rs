@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use serde::Serialize;
 use tally_core::{CounterName, CounterNameError};
 use tally_infra::Problem;
+use tally_infra::counter_path::{counter_name_from_path, invalid_counter_name};
 use tracing::instrument;
 
 use crate::service::{CounterValue, ReadError, ReadService};
@@ -40,12 +41,7 @@ pub async fn read_one(
     name: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<CounterValue>, Problem> {
-    let name = match name {
-        Ok(Path(name)) => {
-            CounterName::parse(name).map_err(|error| invalid_name(error.to_string()))?
-        }
-        Err(_) => return Err(invalid_name(CounterNameError::NotUtf8.to_string())),
-    };
+    let name = counter_name_from_path(name)?;
     tracing::Span::current().record("counter.name", name.as_str());
     let query = parse_query(query.as_deref().unwrap_or_default(), false)?;
     let mut values = service
@@ -120,9 +116,9 @@ fn parse_query(query: &str, names_allowed: bool) -> Result<ReadQuery, Problem> {
         match key.as_str() {
             "name" if names_allowed => {
                 let name = decode_component(value)
-                    .map_err(|_| invalid_name(CounterNameError::NotUtf8.to_string()))?;
+                    .map_err(|_| invalid_counter_name(&CounterNameError::NotUtf8))?;
                 let name = CounterName::parse(name).map_err(|error| {
-                    invalid_name(format!("name #{}: {error}", parsed.names.len() + 1))
+                    invalid_counter_name(&format!("name #{}: {error}", parsed.names.len() + 1))
                 })?;
                 parsed.names.push(name);
             }
@@ -148,15 +144,6 @@ fn decode_component(component: &str) -> Result<String, std::str::Utf8Error> {
     percent_encoding::percent_decode_str(&spaced)
         .decode_utf8()
         .map(|text| text.into_owned())
-}
-
-fn invalid_name(detail: String) -> Problem {
-    Problem::new(
-        StatusCode::BAD_REQUEST,
-        "invalid-counter-name",
-        "Invalid counter name",
-        detail,
-    )
 }
 
 fn invalid_query(detail: String) -> Problem {

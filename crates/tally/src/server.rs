@@ -289,12 +289,14 @@ fn admin_router(args: &ServeArgs) -> Router {
 }
 
 async fn empty_name() -> Problem {
-    tally_ingest::routes::invalid_name(tally_core::CounterNameError::Empty.to_string())
+    tally_infra::counter_path::invalid_counter_name(&tally_core::CounterNameError::Empty)
 }
 
 async fn not_found(uri: Uri) -> Problem {
     if uri.path() == "/v1/counters/" {
-        return tally_ingest::routes::invalid_name(tally_core::CounterNameError::Empty.to_string());
+        return tally_infra::counter_path::invalid_counter_name(
+            &tally_core::CounterNameError::Empty,
+        );
     }
     Problem::not_found(format!("no route for {}", uri.path()))
 }
