@@ -10,7 +10,11 @@
 # --- locations ---------------------------------------------------------------
 # Repo root = two directories above deploy/local, wherever the clone lives.
 TALLY_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)"
-LOCAL_DIR="$TALLY_ROOT/.local"
+# TALLY_LOCAL_DIR moves all state (data, pid files, logs, the lock) elsewhere, so a
+# second, isolated stack can run next to the default one on other ports; the
+# fault-injection suite (deploy/faults.sh) uses it to restart its own servers
+# without touching the shared stack. Unset, it is <repo>/.local as always.
+LOCAL_DIR="${TALLY_LOCAL_DIR:-$TALLY_ROOT/.local}"
 
 REDIS_PORT="${TALLY_REDIS_PORT:-6379}"
 PG_PORT="${TALLY_PG_PORT:-5432}"
@@ -28,7 +32,9 @@ PG_LOG="$PG_DIR/postgres.log"
 
 KAFKA_VERSION="4.4.0"
 KAFKA_DIR="$LOCAL_DIR/kafka"
-KAFKA_LIBS="$KAFKA_DIR/libs"
+# TALLY_KAFKA_LIBS lets a second stack reuse the jars of the first instead of
+# fetching its own copy from Maven Central.
+KAFKA_LIBS="${TALLY_KAFKA_LIBS:-$KAFKA_DIR/libs}"
 KAFKA_DATA="$KAFKA_DIR/data"
 KAFKA_PID="$KAFKA_DIR/kafka.pid"
 KAFKA_LOG="$KAFKA_DIR/kafka.log"

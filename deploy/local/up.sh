@@ -243,6 +243,9 @@ postgres_up() {
 
 kafka_fetch_libs() {
   [[ -f "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" ]] && return 0
+  # Jars borrowed from another stack (TALLY_KAFKA_LIBS) are never replaced from here.
+  [[ -z "${TALLY_KAFKA_LIBS:-}" ]] ||
+    die "TALLY_KAFKA_LIBS=$KAFKA_LIBS has no kafka_2.13-$KAFKA_VERSION.jar"
   log "fetching Kafka $KAFKA_VERSION jars with maven (once; kept across down.sh --purge)"
   # Copy into a scratch dir and rename, so an interrupted download never
   # leaves a libs/ that looks complete.

@@ -110,11 +110,29 @@ impl StalenessAllowances {
         read: &ReadRecord,
         faults: &[FaultRecord],
     ) -> Duration {
-        let redis_delta_may_be_lost = faults.iter().any(|fault| {
+        let redis_delta_may_be_lost = self.redis_delta_may_be_lost(acked_at, faults);
+        self.allowed_staleness_knowing(acked_at, redis_delta_may_be_lost, read, faults)
+    }
+
+    /// Whether an increment acknowledged at `acked_at` may have lost its Redis delta to a Redis
+    /// fault (the ingest's `INCRBY` failed, yet it answered `202`).
+    pub fn redis_delta_may_be_lost(&self, acked_at: Duration, faults: &[FaultRecord]) -> bool {
+        faults.iter().any(|fault| {
             fault.kind.may_drop_redis_deltas()
                 && acked_at >= fault.started_at
                 && acked_at <= fault.healed_at + self.redis_delta_loss_margin
-        });
+        })
+    }
+
+    /// [`Self::allowed_staleness`], with [`Self::redis_delta_may_be_lost`] already known (the
+    /// checker works it out once per increment, not once per read).
+    fn allowed_staleness_knowing(
+        &self,
+        acked_at: Duration,
+        redis_delta_may_be_lost: bool,
+        read: &ReadRecord,
+        faults: &[FaultRecord],
+    ) -> Duration {
         if !read.stale && !redis_delta_may_be_lost {
             // Served from Redis's deltas: the aggregator's progress does not matter.
             return self.fresh_read;
@@ -336,29 +354,52 @@ pub fn check_reads(
     faults: &[FaultRecord],
     allowances: &StalenessAllowances,
 ) -> ReadCheck {
-    let mut acknowledged: Vec<(Duration, i64)> = increments
+    // Acknowledged increments in acknowledgement order, each with whether a Redis fault may have
+    // cost it its delta (worked out once here rather than once per read).
+    let mut acknowledged: Vec<AcknowledgedIncrement> = increments
         .iter()
         .filter_map(|increment| {
-            increment
-                .acked_at()
-                .map(|acked_at| (acked_at, increment.by))
+            increment.acked_at().map(|acked_at| AcknowledgedIncrement {
+                acked_at,
+                by: increment.by,
+                redis_delta_may_be_lost: allowances.redis_delta_may_be_lost(acked_at, faults),
+            })
         })
         .collect();
-    acknowledged.sort();
+    acknowledged.sort_by_key(|increment| increment.acked_at);
+    // The increments that may count, in the order they were sent, with running sums: the upper
+    // bound of a read is the running sum up to the last one sent before the read completed.
+    let mut may_count: Vec<(Duration, i64)> = increments
+        .iter()
+        .filter(|increment| increment.may_count())
+        .map(|increment| (increment.invoked_at, increment.by))
+        .collect();
+    may_count.sort();
+    let mut sum_of_first_sent = vec![0i64];
+    for (_, by) in &may_count {
+        sum_of_first_sent.push(sum_of_first_sent.last().copied().unwrap_or(0) + by);
+    }
+
     let mut check = ReadCheck::default();
     for read in reads {
+        // Increments acknowledged after the read started never count toward its lower bound.
         let lower_bound: i64 = acknowledged
             .iter()
-            .filter(|(acked_at, _)| {
-                *acked_at + allowances.allowed_staleness(*acked_at, read, faults) < read.invoked_at
+            .take_while(|increment| increment.acked_at < read.invoked_at)
+            .filter(|increment| {
+                let allowed = allowances.allowed_staleness_knowing(
+                    increment.acked_at,
+                    increment.redis_delta_may_be_lost,
+                    read,
+                    faults,
+                );
+                increment.acked_at + allowed < read.invoked_at
             })
-            .map(|(_, by)| by)
-            .sum();
-        let upper_bound: i64 = increments
-            .iter()
-            .filter(|increment| increment.may_count() && increment.invoked_at < read.completed_at)
             .map(|increment| increment.by)
             .sum();
+        let sent_before_completion =
+            may_count.partition_point(|(invoked_at, _)| *invoked_at < read.completed_at);
+        let upper_bound = sum_of_first_sent[sent_before_completion];
         if read.value < lower_bound {
             check.violations.push(Violation::ReadBelowLowerBound {
                 counter: read.counter.clone(),
@@ -385,19 +426,25 @@ pub fn check_reads(
     check
 }
 
+struct AcknowledgedIncrement {
+    acked_at: Duration,
+    by: i64,
+    redis_delta_may_be_lost: bool,
+}
+
 /// How long before the read started the oldest acknowledged increment the read's value does not
 /// cover was acknowledged: taking increments in acknowledgement order, the value covers them as
 /// long as their running sum stays within it. Zero when it covers all of them. (Indeterminate
 /// increments that landed can hide some lag; this is a measure, not a rule.)
-fn read_lag(acknowledged_in_order: &[(Duration, i64)], read: &ReadRecord) -> Duration {
+fn read_lag(acknowledged_in_order: &[AcknowledgedIncrement], read: &ReadRecord) -> Duration {
     let mut covered = 0i64;
-    for (acked_at, by) in acknowledged_in_order {
-        if *acked_at >= read.invoked_at {
+    for increment in acknowledged_in_order {
+        if increment.acked_at >= read.invoked_at {
             break;
         }
-        covered += by;
+        covered += increment.by;
         if covered > read.value {
-            return read.invoked_at - *acked_at;
+            return read.invoked_at - increment.acked_at;
         }
     }
     Duration::ZERO
@@ -764,6 +811,32 @@ mod tests {
         assert_eq!(
             reads_violations(&[after_fault], &[read(0, 6_200, 6_210, false)], &faults).len(),
             1
+        );
+    }
+
+    #[test]
+    fn a_retried_increment_seen_twice_by_a_read_is_above_the_upper_bound() {
+        // Sent at 1.0 s, a 503, retried with the same key and acknowledged at 5.0 s: one
+        // increment of 4, however many attempts. A read that sees it twice (the late-landing
+        // first attempt and the retry) is wrong even if the final value is right.
+        let increments = [acknowledged(10, 0, 100), acknowledged(4, 1_000, 5_000)];
+        let twice = read(18, 6_000, 6_010, false);
+        assert_eq!(
+            reads_violations(&increments, std::slice::from_ref(&twice), &[]),
+            vec![Violation::ReadAboveUpperBound {
+                counter: COUNTER.into(),
+                read: twice,
+                upper_bound: 14,
+            }]
+        );
+        assert_eq!(
+            check_final(
+                ClientMode::RetryWithSameKey,
+                COUNTER,
+                &increments,
+                &agreeing(14)
+            ),
+            vec![]
         );
     }
 

@@ -104,10 +104,16 @@ pub enum FaultKind {
     RestartPostgres,
     /// SIGTERM the ingest and read process under load, wait for its clean exit, start it again.
     SigtermIngest,
+    /// `kill -9` the ingest and read process under load (increments Kafka acknowledged but the
+    /// client never heard of are indeterminate and landed), start it again.
+    KillIngest,
     /// SIGSTOP an aggregator process, then SIGCONT it.
     PauseAggregator,
     /// SIGSTOP Redis, then SIGCONT it.
     PauseRedis,
+    /// SIGSTOP the Kafka broker past the produce timeout, then SIGCONT it: the broker appends
+    /// records the producer already gave up on (`503`s that land, after their window closed).
+    PauseKafka,
 }
 
 impl FaultKind {
@@ -115,10 +121,10 @@ impl FaultKind {
     /// PostgreSQL may lag by the length of the fault plus the aggregator's recovery.
     ///
     /// The Redis faults are here too: after each commit the aggregator copies summaries to Redis,
-    /// and a Redis that does not answer may hold it up. Only the ingest restart leaves the
+    /// and a Redis that does not answer may hold it up. Only the ingest faults leave the
     /// aggregation alone.
     pub fn stalls_aggregation(self) -> bool {
-        !matches!(self, FaultKind::SigtermIngest)
+        !matches!(self, FaultKind::SigtermIngest | FaultKind::KillIngest)
     }
 
     /// Faults during which the ingest's `INCRBY` after the Kafka ack can fail. Tally still
@@ -128,6 +134,19 @@ impl FaultKind {
         matches!(self, FaultKind::RestartRedisEmpty | FaultKind::PauseRedis)
     }
 
+    /// Faults that restart or pause a server of the suite's stack (Kafka, Redis, PostgreSQL).
+    /// Every scenario running at the time would feel them, so a scenario with one runs alone.
+    pub fn hits_a_stack_server(self) -> bool {
+        matches!(
+            self,
+            FaultKind::RestartKafka
+                | FaultKind::RestartRedisEmpty
+                | FaultKind::RestartPostgres
+                | FaultKind::PauseRedis
+                | FaultKind::PauseKafka
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             FaultKind::KillAggregator => "kill -9 aggregator",
@@ -135,8 +154,10 @@ impl FaultKind {
             FaultKind::RestartRedisEmpty => "restart redis empty",
             FaultKind::RestartPostgres => "restart postgres",
             FaultKind::SigtermIngest => "sigterm ingest",
+            FaultKind::KillIngest => "kill -9 ingest",
             FaultKind::PauseAggregator => "pause aggregator",
             FaultKind::PauseRedis => "pause redis",
+            FaultKind::PauseKafka => "pause kafka",
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -11,8 +12,8 @@ use rand::Rng as _;
 use tally_faults::checker::PipelineTiming;
 use tally_faults::load::LoadSettings;
 use tally_faults::report;
-use tally_faults::runner::{Suite, run_scenario};
-use tally_faults::scenarios::{SuiteLength, all_scenarios};
+use tally_faults::runner::{ScenarioResult, Suite, run_scenario};
+use tally_faults::scenarios::{Scenario, SuiteLength, all_scenarios};
 use tally_faults::stack::{Stack, StackPorts};
 
 /// Fault-injection suite for Tally: load, faults, and a Jepsen-style counter check.
@@ -63,6 +64,20 @@ async fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn announce(scenario: &Scenario) {
+    eprintln!("▶ {}: {}", scenario.name, scenario.description);
+}
+
+fn finished(result: ScenarioResult) -> ScenarioResult {
+    eprintln!(
+        "  {} {} in {:.0}s",
+        result.name,
+        if result.passed() { "passed" } else { "FAILED" },
+        result.elapsed.as_secs_f64()
+    );
+    result
 }
 
 /// `Ok(true)` when every scenario passed.
@@ -135,18 +150,35 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         suite.run_id
     );
     eprintln!("{header}; logs in {}", work_dir.display());
+    let suite = Arc::new(suite);
     let mut results = Vec::new();
-    for scenario in &scenarios {
-        eprintln!("▶ {}: {}", scenario.name, scenario.description);
-        let result = run_scenario(&suite, scenario).await;
-        eprintln!(
-            "  {} {} in {:.0}s",
-            scenario.name,
-            if result.passed() { "passed" } else { "FAILED" },
-            result.elapsed.as_secs_f64()
-        );
-        results.push(result);
+    // First the scenarios whose faults stay within their own Tally processes, side by side:
+    // they spend most of their time waiting (for a session timeout, a pause), so together they
+    // take little longer than the longest of them. Then, one at a time, those that restart or
+    // pause a server of the stack, which every scenario running at the time would feel.
+    let (alongside, alone): (Vec<Scenario>, Vec<Scenario>) = scenarios
+        .iter()
+        .cloned()
+        .partition(Scenario::can_run_alongside_others);
+    let mut side_by_side = tokio::task::JoinSet::new();
+    for scenario in alongside {
+        announce(&scenario);
+        let suite = Arc::clone(&suite);
+        side_by_side.spawn(async move { finished(run_scenario(&suite, &scenario).await) });
     }
+    while let Some(result) = side_by_side.join_next().await {
+        results.push(result.context("a scenario panicked")?);
+    }
+    for scenario in alone {
+        announce(&scenario);
+        results.push(finished(run_scenario(&suite, &scenario).await));
+    }
+    // Report in the suite's order, whatever order they finished in.
+    results.sort_by_key(|result| {
+        scenarios
+            .iter()
+            .position(|scenario| scenario.name == result.name)
+    });
     let markdown = report::markdown(&results, &header);
     println!("{markdown}");
     let report_path = work_dir.join("report.md");

@@ -183,7 +183,8 @@ async fn run_and_check(
     result: &mut ScenarioResult,
 ) -> anyhow::Result<()> {
     let scenario_dir = suite.work_dir.join(scenario.name);
-    let pid_dir = suite.work_dir.join("pids");
+    // Per scenario: scenarios running side by side have processes of the same names.
+    let pid_dir = suite.work_dir.join("pids").join(scenario.name);
     std::fs::create_dir_all(&scenario_dir)?;
     std::fs::create_dir_all(&pid_dir)?;
     let isolation = format!("{}-{}", suite.run_id, scenario.name);
@@ -382,15 +383,13 @@ async fn perform(
             }
             tokio::time::sleep(down_for).await;
             processes.ingest.spawn()?;
-            // Healed once it answers again.
-            let deadline = Instant::now() + STARTUP_TIMEOUT;
-            while !tally.answers_ok("/healthz").await {
-                anyhow::ensure!(
-                    Instant::now() < deadline,
-                    "the restarted ingest never answered /healthz"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            wait_until_answering(tally).await?;
+        }
+        FaultAction::KillIngest { down_for } => {
+            processes.ingest.kill_hard().await?;
+            tokio::time::sleep(down_for).await;
+            processes.ingest.spawn()?;
+            wait_until_answering(tally).await?;
         }
         FaultAction::PauseAggregator { which, paused_for } => {
             let aggregator = &mut processes.aggregators[which];
@@ -399,10 +398,28 @@ async fn perform(
             aggregator.resume().await?;
         }
         FaultAction::PauseRedis { paused_for } => {
-            stack.pause_redis().await?;
+            stack.pause(Service::Redis).await?;
             tokio::time::sleep(paused_for).await;
-            stack.resume_redis().await?;
+            stack.resume(Service::Redis).await?;
         }
+        FaultAction::PauseKafka { paused_for } => {
+            stack.pause(Service::Kafka).await?;
+            tokio::time::sleep(paused_for).await;
+            stack.resume(Service::Kafka).await?;
+        }
+    }
+    Ok(())
+}
+
+/// A restarted ingest counts as healed once it answers `/healthz` again.
+async fn wait_until_answering(tally: &TallyClient) -> anyhow::Result<()> {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    while !tally.answers_ok("/healthz").await {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the restarted ingest never answered /healthz"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
 }

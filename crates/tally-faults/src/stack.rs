@@ -157,10 +157,31 @@ impl Stack {
         Ok(())
     }
 
-    /// The suite's Redis server, from the pid file up.sh's Redis writes, checked against
-    /// `/proc` so a stale pid file can never make us signal another process.
-    async fn redis_pid(&self) -> anyhow::Result<u32> {
-        let pid_file = self.local_dir.join("redis").join("redis.pid");
+    /// The suite's Redis server or Kafka broker, from the pid file up.sh keeps, checked
+    /// against `/proc` so a stale pid file can never make us signal another process.
+    async fn server_pid(&self, service: Service) -> anyhow::Result<u32> {
+        let (pid_file, must_contain) = match service {
+            Service::Redis => (
+                self.local_dir.join("redis").join("redis.pid"),
+                vec![
+                    "redis-server".to_owned(),
+                    format!("127.0.0.1:{}", self.ports.redis),
+                ],
+            ),
+            Service::Kafka => (
+                self.local_dir.join("kafka").join("kafka.pid"),
+                vec![format!(
+                    "kafka.Kafka {}",
+                    self.local_dir
+                        .join("kafka")
+                        .join("server.properties")
+                        .display()
+                )],
+            ),
+            // PostgreSQL is a postmaster with backends: stopping only the postmaster would not
+            // stop the database, so the suite never pauses it.
+            Service::Postgres => bail!("the suite does not pause postgres"),
+        };
         let pid: u32 = tokio::fs::read_to_string(&pid_file)
             .await
             .with_context(|| format!("reading {}", pid_file.display()))?
@@ -170,22 +191,23 @@ impl Stack {
         let command_line = tokio::fs::read(format!("/proc/{pid}/cmdline"))
             .await
             .unwrap_or_default();
-        let command_line = String::from_utf8_lossy(&command_line);
-        let listen_address = format!("127.0.0.1:{}", self.ports.redis);
+        let command_line = String::from_utf8_lossy(&command_line).replace('\0', " ");
         ensure!(
-            command_line.contains("redis-server") && command_line.contains(&listen_address),
-            "pid {pid} from {} is not our redis-server on {listen_address}",
-            pid_file.display()
+            must_contain.iter().all(|part| command_line.contains(part)),
+            "pid {pid} from {} is not our {} server",
+            pid_file.display(),
+            service.script_name()
         );
         Ok(pid)
     }
 
-    /// SIGSTOP the suite's Redis: it keeps its connections open but answers nothing.
-    pub async fn pause_redis(&self) -> anyhow::Result<()> {
-        send_signal(self.redis_pid().await?, "STOP").await
+    /// SIGSTOP the server: it keeps its connections open but answers nothing.
+    pub async fn pause(&self, service: Service) -> anyhow::Result<()> {
+        send_signal(self.server_pid(service).await?, "STOP").await
     }
 
-    pub async fn resume_redis(&self) -> anyhow::Result<()> {
-        send_signal(self.redis_pid().await?, "CONT").await
+    /// SIGCONT.
+    pub async fn resume(&self, service: Service) -> anyhow::Result<()> {
+        send_signal(self.server_pid(service).await?, "CONT").await
     }
 }
