@@ -59,20 +59,29 @@ applied_before AS (
 ),
 input AS (
     SELECT r.name, to_timestamp(r.window_start_ms / 1000.0) AS window_start,
-           r.delta - coalesce(a.by, 0) AS delta, r.kafka_partition
-    FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[])
-         AS r(name, window_start_ms, delta, kafka_partition)
+           r.delta - coalesce(a.by, 0) AS delta, r.dropped + coalesce(a.by, 0) AS dropped,
+           r.kafka_partition
+    FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $15::bigint[])
+         AS r(name, window_start_ms, delta, kafka_partition, dropped)
     LEFT JOIN applied_before a
            ON a.name = r.name AND a.window_start_ms = r.window_start_ms
 ),
 windows AS (
-    INSERT INTO counter_windows AS w (name, window_start, sum)
+    INSERT INTO counter_windows AS w (name, window_start, sum, dropped)
     SELECT name, window_start,
-           LEAST(GREATEST(delta, -9223372036854775808), 9223372036854775807)::bigint FROM input
+           LEAST(GREATEST(delta, -9223372036854775808), 9223372036854775807)::bigint,
+           LEAST(GREATEST(dropped, -9223372036854775808), 9223372036854775807)::bigint
+    FROM input
     ON CONFLICT (name, window_start) DO UPDATE
         SET sum = LEAST(GREATEST(w.sum::numeric + excluded.sum, -9223372036854775808),
-                        9223372036854775807)::bigint
-    RETURNING name, (extract(epoch FROM window_start) * 1000)::bigint AS window_start_ms, sum
+                        9223372036854775807)::bigint,
+            dropped = LEAST(GREATEST(w.dropped::numeric + excluded.dropped, -9223372036854775808),
+                            9223372036854775807)::bigint
+    -- What Redis's deltas for the window hold that the total accounts for: the applied sum and
+    -- the dropped retries (see tally_core::value).
+    RETURNING name, (extract(epoch FROM window_start) * 1000)::bigint AS window_start_ms,
+              LEAST(GREATEST(sum::numeric + dropped, -9223372036854775808),
+                    9223372036854775807)::bigint AS sum
 ),
 totals AS (
     INSERT INTO counters AS c (name, total, version, kafka_partition, last_window_start)
@@ -161,6 +170,7 @@ pub(crate) async fn commit_window(
         .bind(&rows.key_window_starts_ms)
         .bind(&rows.key_amounts)
         .bind(idempotency_window_secs as f64)
+        .bind(&rows.dropped)
         .fetch_all(&mut *transaction)
         .await?;
     transaction.commit().await?;

@@ -332,22 +332,26 @@ fn reseek_from_postgres(consumer: &BaseConsumer<AggregatorContext>, shared: &Sha
 /// published only once that worked: readers trust a closed window to be in the summaries.
 async fn update_redis(shared: &Shared, committed: &[CounterSummaryRow], partition_count: usize) {
     let mut redis = shared.redis.clone();
-    let (closed_min, partitions_needing_repair) = {
+    let (published_min, partitions_needing_repair) = {
         let pending = lock(&shared.pending);
-        let closed_min = pending
+        // Readers combine window sums with deltas for every window after the closed window they
+        // know of, which is the one published, not the one just computed: window sums may only
+        // be dropped well before the oldest published one. Unknown: keep them all.
+        let published_min = pending
             .partitions
             .values()
-            .filter_map(|p| p.closed_window_ms)
-            .min();
+            .map(|progress| progress.published_closed_ms)
+            .collect::<Option<Vec<i64>>>()
+            .and_then(|published| published.into_iter().min());
         let repair: Vec<i32> = pending
             .partitions
             .iter()
             .filter(|(_, progress)| progress.summaries_need_repair)
             .map(|(partition, _)| *partition)
             .collect();
-        (closed_min, repair)
+        (published_min, repair)
     };
-    let oldest_needed_ms = closed_min
+    let oldest_needed_ms = published_min
         .map(|closed| closed - SUMMARY_WINDOW_MARGIN * shared.window.length_ms)
         .unwrap_or_else(|| now_ms() - shared.delta_ttl_ms);
 
@@ -423,9 +427,17 @@ async fn update_redis(shared: &Shared, committed: &[CounterSummaryRow], partitio
     if closed.is_empty() {
         return;
     }
-    if let Err(error) =
-        summaries::publish_closed_windows(&mut redis, &shared.keys, partition_count, &closed).await
+    match summaries::publish_closed_windows(&mut redis, &shared.keys, partition_count, &closed)
+        .await
     {
-        warn!(%error, "failed to publish closed windows to redis");
+        Ok(()) => {
+            let mut pending = lock(&shared.pending);
+            for (partition, closed_window_ms) in closed {
+                if let Some(progress) = pending.partitions.get_mut(&partition) {
+                    progress.published_closed_ms = Some(closed_window_ms);
+                }
+            }
+        }
+        Err(error) => warn!(%error, "failed to publish closed windows to redis"),
     }
 }

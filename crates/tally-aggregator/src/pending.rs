@@ -17,6 +17,9 @@ pub(crate) struct PartitionProgress {
     pub(crate) last_append_ms: Option<i64>,
     /// The latest closed window this aggregator knows of for the partition.
     pub(crate) closed_window_ms: Option<i64>,
+    /// The closed window this aggregator last published to Redis for the partition: what
+    /// readers may be using. Window sums after it must stay in the summaries.
+    pub(crate) published_closed_ms: Option<i64>,
     /// Redis summaries may lag PostgreSQL for this partition until they are rewritten.
     pub(crate) summaries_need_repair: bool,
 }
@@ -25,6 +28,8 @@ pub(crate) struct PartitionProgress {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct WindowSum {
     pub(crate) sum: i128,
+    /// Retries dropped in this window: not counted, but maybe in the window's Redis deltas.
+    pub(crate) dropped: i128,
     pub(crate) partition: i32,
 }
 
@@ -62,6 +67,8 @@ pub(crate) struct CommitRows {
     pub(crate) names: Vec<String>,
     pub(crate) window_starts_ms: Vec<i64>,
     pub(crate) sums: Vec<i64>,
+    /// Per row: retries dropped within this window (see `WindowSum::dropped`).
+    pub(crate) dropped: Vec<i64>,
     pub(crate) partitions: Vec<i32>,
     /// Counters whose window sum did not fit in `i64` and was clamped.
     pub(crate) clamped: Vec<String>,
@@ -81,6 +88,7 @@ impl PendingWindow {
                 next_offset: committed_offset,
                 last_append_ms: None,
                 closed_window_ms: closed,
+                published_closed_ms: None,
                 summaries_need_repair: true,
             },
         );
@@ -122,10 +130,12 @@ impl PendingWindow {
         }
         if let Some(increment) = increment {
             let mut by = increment.by as i128;
+            let mut dropped = 0;
             for keyed in increment.keyed {
                 if self.keyed.contains_key(&keyed.key) {
                     // A retry read in the same window as the original: count the original only.
                     by -= keyed.by as i128;
+                    dropped += keyed.by as i128;
                     self.duplicates_in_window += 1;
                     continue;
                 }
@@ -141,6 +151,7 @@ impl PendingWindow {
                 .entry((increment.name, increment.window_start_ms))
                 .or_default();
             entry.sum += by;
+            entry.dropped += dropped;
             entry.partition = partition;
         }
         self.records += 1;
@@ -163,6 +174,7 @@ impl PendingWindow {
             rows.names.push(key.0.clone());
             rows.window_starts_ms.push(key.1);
             rows.sums.push(sum);
+            rows.dropped.push(clamp_to_i64(window_sum.dropped).0);
             rows.partitions.push(window_sum.partition);
         }
         let mut keys: Vec<&String> = self.keyed.keys().collect();
@@ -219,6 +231,11 @@ mod tests {
         pending.add(0, 1, None, keyed(5));
         let rows = pending.commit_rows();
         assert_eq!(rows.sums, vec![25]);
+        assert_eq!(
+            rows.dropped,
+            vec![5],
+            "the dropped retry is reported for the window"
+        );
         assert_eq!(rows.keys, vec!["k"]);
         assert_eq!(rows.key_amounts, vec![5]);
         assert_eq!(pending.duplicates_in_window, 1);

@@ -3,7 +3,9 @@
 //! PostgreSQL is the truth for every increment the aggregator has applied. Redis holds two
 //! things for a counter:
 //! - its *summary*, copied from PostgreSQL after every aggregator commit: the `total` of all
-//!   applied increments and, for recent windows, how much of each window is in that total;
+//!   applied increments and, for recent windows, how much of each window's deltas that total
+//!   accounts for: the window's applied sum, plus the retries of already-applied idempotency
+//!   keys that were dropped (the ingest may have added those to the deltas; they never count);
 //! - the *deltas*: every acknowledged increment, per window, written by the ingest.
 //!
 //! For any window `W` that is closed in the counter's partition (every increment stamped `<= W`

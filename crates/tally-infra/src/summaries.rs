@@ -210,7 +210,9 @@ const SUMMARY_SELECT: &str = "
            coalesce(array_agg((extract(epoch FROM w.window_start) * 1000)::bigint
                               ORDER BY w.window_start) FILTER (WHERE w.name IS NOT NULL),
                     '{}') AS window_starts,
-           coalesce(array_agg(w.sum ORDER BY w.window_start) FILTER (WHERE w.name IS NOT NULL),
+           coalesce(array_agg(LEAST(GREATEST(w.sum::numeric + w.dropped, -9223372036854775808),
+                                    9223372036854775807)::bigint
+                              ORDER BY w.window_start) FILTER (WHERE w.name IS NOT NULL),
                     '{}') AS window_sums
     FROM counters c
     LEFT JOIN counter_windows w
