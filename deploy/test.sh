@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 deploy/local/up.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace
+cargo test --workspace --no-fail-fast
 deploy/faults.sh
