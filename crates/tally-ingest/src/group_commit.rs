@@ -1,8 +1,10 @@
-//! Group commit. While a record of a counter is on its way to Kafka, further increments of that
-//! counter wait, and then travel together as one record and one `INCRBY`. An idle counter's
-//! increment leaves at once; a hot counter's increments form groups by themselves, as large as
-//! the arrival rate times one Kafka acknowledgement. Each request still answers only once the
-//! record holding its increment is acknowledged.
+//! Group commit. While [`MAX_RECORDS_IN_FLIGHT`] records of a counter are on their way to Kafka,
+//! further increments of that counter wait, and then travel together as one record and one
+//! `INCRBY`. An idle counter's increment leaves at once; a hot counter's increments form groups by
+//! themselves, as large as the arrival rate times one Kafka acknowledgement divided by the records
+//! in flight. Several records in flight keep a counter's throughput from being capped at one
+//! group per acknowledgement. Each request still answers only once the record holding its
+//! increment is acknowledged.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -18,60 +20,76 @@ pub(crate) type Outcome = Result<(), ProduceError>;
 /// An increment waiting for its group's record, and where to send the record's outcome.
 pub(crate) type Waiting = (CounterIncrements, oneshot::Sender<Outcome>);
 
-/// A counter has an entry exactly while a task is producing its groups.
+/// How many records of one counter may be waiting for Kafka at once.
+pub(crate) const MAX_RECORDS_IN_FLIGHT: usize = 8;
+
+#[derive(Default)]
+struct CounterQueue {
+    waiting: Vec<Waiting>,
+    /// Tasks producing this counter's groups, each with at most one record in flight.
+    producers: usize,
+}
+
+/// A counter has an entry exactly while at least one task is producing its groups.
 #[derive(Default)]
 pub(crate) struct GroupCommit {
     /// std Mutex: held only to push or take, never across an await.
-    queues: Mutex<HashMap<CounterName, Vec<Waiting>>>,
+    queues: Mutex<HashMap<CounterName, CounterQueue>>,
 }
 
 impl GroupCommit {
-    /// Queues increments. Returns true when no task is producing this counter's groups yet: the
-    /// caller must start one.
+    /// Queues increments. Returns true when the caller must start one more task producing this
+    /// counter's groups (fewer than [`MAX_RECORDS_IN_FLIGHT`] are running).
     pub(crate) fn enqueue(
         &self,
         increments: CounterIncrements,
         done_tx: oneshot::Sender<Outcome>,
     ) -> bool {
-        let mut queues = self
-            .queues
-            .lock()
-            .expect("the group commit lock should never be poisoned");
-        match queues.entry(increments.name.clone()) {
-            Entry::Occupied(mut waiting) => {
-                waiting.get_mut().push((increments, done_tx));
-                false
-            }
-            Entry::Vacant(vacant) => {
-                vacant.insert(vec![(increments, done_tx)]);
-                true
-            }
+        let mut queues = self.lock();
+        let queue = match queues.entry(increments.name.clone()) {
+            Entry::Occupied(queue) => queue.into_mut(),
+            Entry::Vacant(vacant) => vacant.insert(CounterQueue::default()),
+        };
+        queue.waiting.push((increments, done_tx));
+        if queue.producers < MAX_RECORDS_IN_FLIGHT {
+            queue.producers += 1;
+            return true;
         }
+        false
     }
 
-    /// Takes the next group. When nothing waits, the counter's entry is removed, which ends its
-    /// task: the next increment starts a new one.
+    /// Takes the next group for a producing task. When nothing waits, the task ends (None), and
+    /// the last one to end removes the counter's entry.
     pub(crate) fn next_group(&self, name: &CounterName) -> Option<Vec<Waiting>> {
-        let mut queues = self
-            .queues
-            .lock()
-            .expect("the group commit lock should never be poisoned");
-        let waiting = queues.get_mut(name)?;
-        if waiting.is_empty() {
-            queues.remove(name);
+        let mut queues = self.lock();
+        let queue = queues.get_mut(name)?;
+        if queue.waiting.is_empty() {
+            queue.producers -= 1;
+            if queue.producers == 0 {
+                queues.remove(name);
+            }
             return None;
         }
-        Some(std::mem::take(waiting))
+        Some(std::mem::take(&mut queue.waiting))
     }
 
-    /// Drops a counter's entry and everything waiting in it; the waiters see their channel
-    /// closed. Used when a producing task ends abnormally, so the counter is never stuck.
+    /// Ends a producing task that stopped abnormally, so the counter is never left waiting for a
+    /// task that no longer exists. When the last task goes, what still waits is dropped and the
+    /// waiters see their channel closed.
     pub(crate) fn abandon(&self, name: &CounterName) {
-        let mut queues = self
-            .queues
+        let mut queues = self.lock();
+        if let Some(queue) = queues.get_mut(name) {
+            queue.producers = queue.producers.saturating_sub(1);
+            if queue.producers == 0 {
+                queues.remove(name);
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CounterName, CounterQueue>> {
+        self.queues
             .lock()
-            .expect("the group commit lock should never be poisoned");
-        queues.remove(name);
+            .expect("the group commit lock should never be poisoned")
     }
 }
 
@@ -109,13 +127,15 @@ mod tests {
     }
 
     #[test]
-    fn the_first_increment_starts_a_task_and_later_ones_join_its_next_group() {
+    fn increments_beyond_the_records_in_flight_join_the_next_group() {
         let group_commit = GroupCommit::default();
         let name = CounterName::parse("hot").unwrap();
-        assert!(group_commit.enqueue(increments(1, None), oneshot::channel().0));
-        let first = group_commit.next_group(&name).unwrap();
-        assert_eq!(first.len(), 1);
-        // While the first group is produced, two more arrive; neither starts a task.
+        // The first increments each start a task, up to the limit, and each task takes a group.
+        for _ in 0..MAX_RECORDS_IN_FLIGHT {
+            assert!(group_commit.enqueue(increments(1, None), oneshot::channel().0));
+            assert_eq!(group_commit.next_group(&name).unwrap().len(), 1);
+        }
+        // With every task's record in flight, two more arrive; neither starts a task.
         assert!(!group_commit.enqueue(increments(2, Some("k")), oneshot::channel().0));
         assert!(!group_commit.enqueue(increments(3, None), oneshot::channel().0));
         let second = group_commit.next_group(&name).unwrap();
@@ -124,7 +144,20 @@ mod tests {
             (merged.by, merged.increments, merged.keyed.len()),
             (5, 2, 1)
         );
-        // Nothing more: the entry goes, and the next increment starts a new task.
+        // Nothing more: the tasks end one by one and the last removes the entry, so the next
+        // increment starts a new task.
+        for _ in 0..MAX_RECORDS_IN_FLIGHT {
+            assert!(group_commit.next_group(&name).is_none());
+        }
+        assert!(group_commit.enqueue(increments(1, None), oneshot::channel().0));
+    }
+
+    #[test]
+    fn an_abandoned_last_task_leaves_no_entry_behind() {
+        let group_commit = GroupCommit::default();
+        let name = CounterName::parse("hot").unwrap();
+        assert!(group_commit.enqueue(increments(1, None), oneshot::channel().0));
+        group_commit.abandon(&name);
         assert!(group_commit.next_group(&name).is_none());
         assert!(group_commit.enqueue(increments(1, None), oneshot::channel().0));
     }
