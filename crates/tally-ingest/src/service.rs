@@ -67,6 +67,10 @@ pub enum ProduceError {
     QueueFull,
 }
 
+/// Built once: building a script hashes its source, which is no work for every record.
+static DECLARE_SHARD_COUNT_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(scripts::DECLARE_SHARD_COUNT));
+
 pub struct IngestService {
     producer: FutureProducer,
     redis: ConnectionManager,
@@ -362,7 +366,6 @@ impl IngestService {
     /// are in Kafka, and reads take the window from PostgreSQL once it closes.
     async fn add_to_redis(&self, batch: &[CounterIncrements], window_start_ms: i64) {
         let now = now_ms();
-        let declare_script = redis::Script::new(scripts::DECLARE_SHARD_COUNT);
         let mut pipeline = redis::pipe();
         let mut commands = 0;
         // Pipelined scripts run by EVALSHA only: load the script first, in the same pipeline, in
@@ -405,8 +408,8 @@ impl IngestService {
                             .ignore();
                         script_loaded = true;
                     }
-                    let mut invocation =
-                        declare_script.key(self.keys.shard_count(name, window_start_ms));
+                    let mut invocation = DECLARE_SHARD_COUNT_SCRIPT
+                        .key(self.keys.shard_count(name, window_start_ms));
                     invocation.arg(choice.shard_count).arg(self.delta_ttl_secs);
                     pipeline.invoke_script(&invocation).ignore();
                 }
