@@ -12,9 +12,10 @@ use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection as _, Executor as _};
 
 use crate::cli::{LoadgenArgs, ScenarioId};
-use crate::driver::{PhasePacing, REQUEST_TIMEOUT, run_phase};
+use crate::driver::{PhasePacing, run_phase};
 use crate::freshness::nearest_rank_percentile;
 use crate::histogram::{LatencyHistogram, format_micros};
+use crate::http1::Http1Connection;
 use crate::report::{
     CheckOutcome, PhaseReport, ReadReport, RunReport, RunSettings, ScenarioReport, format_pacing,
     format_rate,
@@ -34,7 +35,6 @@ struct RunContext {
     run_database_url: String,
     run_database: PgPool,
     redis: redis::Client,
-    http: reqwest::Client,
 }
 
 /// Where the Tally being measured lives.
@@ -420,25 +420,25 @@ fn tally_write_targets(
     book: &TallyWriteBook,
     scenario_seed: u64,
     batch_size: Option<usize>,
-) -> Vec<LoadTarget> {
+) -> anyhow::Result<Vec<LoadTarget>> {
     (0..context.args.clients)
         .map(|worker_index| {
             let rng = worker_rng(scenario_seed, worker_index);
-            match batch_size {
+            let connection = Http1Connection::new(&tally.base_url)?;
+            Ok(match batch_size {
                 None => LoadTarget::TallyIncrement {
-                    http: context.http.clone(),
-                    base_url: tally.base_url.clone(),
+                    connection,
                     book: book.clone(),
                     rng,
                 },
                 Some(batch_size) => LoadTarget::TallyBatch {
-                    http: context.http.clone(),
-                    base_url: tally.base_url.clone(),
+                    connection,
                     book: book.clone(),
                     batch_size,
                     rng,
+                    name_indexes: Vec::with_capacity(batch_size),
                 },
-            }
+            })
         })
         .collect()
 }
@@ -474,7 +474,7 @@ async fn run_tally_write_scenario(
         acknowledged: Arc::clone(&acknowledged),
         timeline: None,
     };
-    let targets = tally_write_targets(context, tally, &book, seed, batch_size);
+    let targets = tally_write_targets(context, tally, &book, seed, batch_size)?;
     let catch_up = TallyCatchUp {
         database: &tally.database,
         names: &names,
@@ -522,22 +522,23 @@ async fn run_tally_read_scenario(
         acknowledged: Arc::clone(&acknowledged),
         timeline: Some(timeline.clone()),
     };
-    let writers = tally_write_targets(context, tally, &book, 8, None);
-    let counter_url = format!(
-        "{}/v1/counters/{}{}",
-        tally.base_url,
+    let writers = tally_write_targets(context, tally, &book, 8, None)?;
+    let counter_path = format!(
+        "/v1/counters/{}{}",
         names.name(0),
         if fresh_query { "?fresh=true" } else { "" }
     );
-    let readers: Vec<LoadTarget> = (0..context.args.readers)
-        .map(|_| LoadTarget::TallyRead {
-            http: context.http.clone(),
-            counter_url: counter_url.clone(),
-            run_start: timeline.run_start,
-            samples: Vec::new(),
-            sources: BTreeMap::new(),
+    let readers = (0..context.args.readers)
+        .map(|_| {
+            Ok(LoadTarget::TallyRead {
+                connection: Http1Connection::new(&tally.base_url)?,
+                counter_path: counter_path.clone(),
+                run_start: timeline.run_start,
+                samples: Vec::new(),
+                sources: BTreeMap::new(),
+            })
         })
-        .collect();
+        .collect::<anyhow::Result<Vec<LoadTarget>>>()?;
     let duration = context.args.duration;
     let write_schedule = OpenLoopSchedule::new(context.args.read_scenario_write_rate, duration);
     settle_before_phase(context, None).await;
@@ -721,17 +722,12 @@ pub async fn run_comparison(
                                             PRIMARY KEY (name, shard));",
         )
         .await?;
-    let http = reqwest::Client::builder()
-        .timeout(REQUEST_TIMEOUT)
-        .tcp_nodelay(true)
-        .build()?;
     let context = RunContext {
         redis: redis::Client::open(args.redis_url.as_str())?,
         args,
         run_id,
         run_database_url,
         run_database,
-        http,
     };
 
     let outcome = run_scenarios(&context, tally_log_file).await;

@@ -9,6 +9,7 @@ pub mod comparison;
 pub mod driver;
 pub mod freshness;
 pub mod histogram;
+pub mod http1;
 pub mod report;
 pub mod schedule;
 pub mod svg;

@@ -3,8 +3,7 @@
 //!
 //! Each worker owns its own connection (a PostgreSQL session, a Redis connection) so that
 //! "64 clients" really means 64 sessions each waiting for its own answer, as 64 application
-//! servers would. The Tally workers share one HTTP client, whose pool keeps one keep-alive
-//! connection per busy worker.
+//! servers would. A Tally worker owns one keep-alive HTTP/1.1 connection ([`Http1Connection`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -13,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sqlx::postgres::PgConnection;
 
 use crate::freshness::AcknowledgementTimeline;
+use crate::http1::Http1Connection;
 use crate::zipf::ZipfSampler;
 
 /// The counter names a scenario writes: `{prefix}` alone for a hot counter, or
@@ -52,6 +52,15 @@ impl CounterNames {
         match self.zipf {
             None => self.prefix.clone(),
             Some(_) => format!("{}-{index:06}", self.prefix),
+        }
+    }
+
+    /// Appends the name to a buffer, without the allocation of [`CounterNames::name`].
+    pub fn write_name(&self, index: usize, buffer: &mut Vec<u8>) {
+        use std::io::Write as _;
+        buffer.extend_from_slice(self.prefix.as_bytes());
+        if self.zipf.is_some() {
+            write!(buffer, "-{index:06}").expect("writing to a Vec never fails");
         }
     }
 
@@ -142,17 +151,6 @@ struct CounterReadBody {
     source: String,
 }
 
-#[derive(Serialize)]
-struct BatchItem<'a> {
-    counter: &'a str,
-    by: i64,
-}
-
-#[derive(Serialize)]
-struct BatchBody<'a> {
-    increments: Vec<BatchItem<'a>>,
-}
-
 /// One worker's connection and state. An enum rather than a trait object: the set of systems
 /// is closed, and a `match` keeps each request's code in plain sight.
 pub enum LoadTarget {
@@ -181,23 +179,23 @@ pub enum LoadTarget {
     },
     /// `POST /v1/counters/{name}/increment`.
     TallyIncrement {
-        http: reqwest::Client,
-        base_url: String,
+        connection: Http1Connection,
         book: TallyWriteBook,
         rng: StdRng,
     },
     /// `POST /v1/increments` with `batch_size` items of `by: 1`, names drawn independently.
     TallyBatch {
-        http: reqwest::Client,
-        base_url: String,
+        connection: Http1Connection,
         book: TallyWriteBook,
         batch_size: usize,
         rng: StdRng,
+        /// The names of the batch in flight, reused from one batch to the next.
+        name_indexes: Vec<usize>,
     },
     /// `GET /v1/counters/{name}`, noting what each read showed.
     TallyRead {
-        http: reqwest::Client,
-        counter_url: String,
+        connection: Http1Connection,
+        counter_path: String,
         run_start: Instant,
         samples: Vec<ReadSample>,
         sources: BTreeMap<String, u64>,
@@ -209,19 +207,8 @@ pub fn worker_rng(scenario_seed: u64, worker_index: usize) -> StdRng {
     StdRng::seed_from_u64(scenario_seed.wrapping_mul(1_000_003) + worker_index as u64)
 }
 
-/// A short, low-cardinality reason for a failed request, for the failure counts.
-fn describe_http_error(error: &reqwest::Error) -> String {
-    if error.is_timeout() {
-        "timeout".to_string()
-    } else if error.is_connect() {
-        "connect error".to_string()
-    } else {
-        "request error".to_string()
-    }
-}
-
-fn describe_status(status: reqwest::StatusCode) -> String {
-    format!("http {}", status.as_u16())
+fn describe_status(status: u16) -> String {
+    format!("http {status}")
 }
 
 impl LoadTarget {
@@ -281,24 +268,16 @@ impl LoadTarget {
                 Ok(*depth as u64)
             }
             LoadTarget::TallyIncrement {
-                http,
-                base_url,
+                connection,
                 book,
                 rng,
             } => {
                 let name_index = book.names.choose(rng);
-                let url = format!(
-                    "{base_url}/v1/counters/{}/increment",
-                    book.names.name(name_index)
-                );
+                let path = format!("/v1/counters/{}/increment", book.names.name(name_index));
                 // No body: `by` defaults to 1, the smallest request a client can send.
-                let response = http
-                    .post(url)
-                    .send()
-                    .await
-                    .map_err(|error| describe_http_error(&error))?;
-                if response.status() != reqwest::StatusCode::ACCEPTED {
-                    return Err(describe_status(response.status()));
+                let (status, _) = connection.request("POST", &path, |_| {}).await?;
+                if status != 202 {
+                    return Err(describe_status(status));
                 }
                 book.acknowledged.add(name_index, 1);
                 if let Some(timeline) = &book.timeline {
@@ -307,61 +286,42 @@ impl LoadTarget {
                 Ok(1)
             }
             LoadTarget::TallyBatch {
-                http,
-                base_url,
+                connection,
                 book,
                 batch_size,
                 rng,
+                name_indexes,
             } => {
-                let name_indexes: Vec<usize> =
-                    (0..*batch_size).map(|_| book.names.choose(rng)).collect();
-                let names: Vec<String> = name_indexes
-                    .iter()
-                    .map(|&index| book.names.name(index))
-                    .collect();
-                let body = BatchBody {
-                    increments: names
-                        .iter()
-                        .map(|name| BatchItem {
-                            counter: name,
-                            by: 1,
-                        })
-                        .collect(),
-                };
-                let response = http
-                    .post(format!("{base_url}/v1/increments"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .map_err(|error| describe_http_error(&error))?;
-                if response.status() != reqwest::StatusCode::ACCEPTED {
-                    return Err(describe_status(response.status()));
+                name_indexes.clear();
+                name_indexes.extend((0..*batch_size).map(|_| book.names.choose(rng)));
+                let names = &book.names;
+                let (status, _) = connection
+                    .request("POST", "/v1/increments", |body| {
+                        write_batch_body(body, names, name_indexes)
+                    })
+                    .await?;
+                if status != 202 {
+                    return Err(describe_status(status));
                 }
-                for index in name_indexes {
+                for &index in name_indexes.iter() {
                     book.acknowledged.add(index, 1);
                 }
                 Ok(*batch_size as u64)
             }
             LoadTarget::TallyRead {
-                http,
-                counter_url,
+                connection,
+                counter_path,
                 run_start,
                 samples,
                 sources,
             } => {
                 let sent_at = run_start.elapsed();
-                let response = http
-                    .get(counter_url.as_str())
-                    .send()
-                    .await
-                    .map_err(|error| describe_http_error(&error))?;
-                if response.status() != reqwest::StatusCode::OK {
-                    return Err(describe_status(response.status()));
+                let (status, body) = connection.request("GET", counter_path, |_| {}).await?;
+                if status != 200 {
+                    return Err(describe_status(status));
                 }
-                let body: CounterReadBody = response
-                    .json()
-                    .await
-                    .map_err(|_| "unreadable read body".to_string())?;
+                let body: CounterReadBody =
+                    serde_json::from_slice(body).map_err(|_| "unreadable read body".to_string())?;
                 samples.push(ReadSample {
                     sent_at,
                     value: body.value,
@@ -371,6 +331,21 @@ impl LoadTarget {
             }
         }
     }
+}
+
+/// `{"increments":[{"counter":"NAME"},...]}`: `by` defaults to 1. Bench names are URL- and
+/// JSON-safe (see [`CounterNames`]), so they need no escaping.
+fn write_batch_body(body: &mut Vec<u8>, names: &CounterNames, name_indexes: &[usize]) {
+    body.extend_from_slice(br#"{"increments":["#);
+    for (position, &index) in name_indexes.iter().enumerate() {
+        if position > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(br#"{"counter":""#);
+        names.write_name(index, body);
+        body.extend_from_slice(br#""}"#);
+    }
+    body.extend_from_slice(b"]}");
 }
 
 /// The kind of a sqlx error without the query text, so failure counts group well.
@@ -409,6 +384,21 @@ mod tests {
         assert_eq!(names.like_pattern(), "bench-1a2b-zipf-%");
         let mut rng = worker_rng(2, 3);
         assert!((0..1_000).all(|_| names.choose(&mut rng) < 100_000));
+    }
+
+    #[test]
+    fn batch_bodies_are_the_json_the_api_documents() {
+        let names = CounterNames::zipf("bench-z".to_string(), 100, 0.99);
+        let mut body = Vec::new();
+        write_batch_body(&mut body, &names, &[3, 42]);
+        let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            parsed,
+            serde_json::json!({"increments": [
+                {"counter": "bench-z-000003"},
+                {"counter": "bench-z-000042"},
+            ]})
+        );
     }
 
     #[test]

@@ -21,7 +21,11 @@ pub(crate) type Outcome = Result<(), ProduceError>;
 pub(crate) type Waiting = (CounterIncrements, oneshot::Sender<Outcome>);
 
 /// How many records of one counter may be waiting for Kafka at once.
-pub(crate) const MAX_RECORDS_IN_FLIGHT: usize = 8;
+///
+/// Two, measured (benches/README.md): one caps a hot counter at one group per acknowledgement,
+/// while more than two make smaller groups, so more records for the same increments, and the
+/// broker's and librdkafka's per-record CPU then slows every request on a two-core machine.
+pub(crate) const MAX_RECORDS_IN_FLIGHT: usize = 2;
 
 #[derive(Default)]
 struct CounterQueue {
