@@ -21,6 +21,7 @@ use crate::report::{
     format_rate,
 };
 use crate::schedule::OpenLoopSchedule;
+use crate::statements;
 use crate::tally_server::{TallyServer, TallyServerSettings};
 use crate::targets::{
     AcknowledgedTotals, CounterNames, LoadTarget, SharedTimeline, TallyWriteBook, worker_rng,
@@ -34,6 +35,8 @@ struct RunContext {
     /// The run's own database: the baselines' tables, and the started Tally's schema.
     run_database_url: String,
     run_database: PgPool,
+    /// A session in the stack's own database, where `pg_stat_statements` is installed.
+    statistics: PgPool,
     redis: redis::Client,
 }
 
@@ -41,6 +44,8 @@ struct RunContext {
 struct TallyEndpoint {
     base_url: String,
     database: PgPool,
+    /// The name of that database, whose statements `pg_stat_statements` counts.
+    database_name: String,
 }
 
 fn replace_database_name(url: &str, database: &str) -> anyhow::Result<String> {
@@ -237,6 +242,7 @@ async fn run_postgres_row_scenario(
         phases,
         reads: None,
         check,
+        postgres_statements: None,
     })
 }
 
@@ -278,6 +284,7 @@ async fn run_postgres_sharded_scenario(context: &RunContext) -> anyhow::Result<S
         phases,
         reads: None,
         check,
+        postgres_statements: None,
     })
 }
 
@@ -325,6 +332,7 @@ async fn run_redis_scenario(
         phases,
         reads: None,
         check,
+        postgres_statements: None,
     })
 }
 
@@ -443,6 +451,33 @@ fn tally_write_targets(
         .collect()
 }
 
+/// `None` (with a note) when the counts cannot be had: they are evidence, not a requirement.
+async fn statement_snapshot(
+    context: &RunContext,
+    tally: &TallyEndpoint,
+) -> Option<statements::StatementSnapshot> {
+    match statements::snapshot(&context.statistics, &tally.database_name).await {
+        Ok(Some(snapshot)) => Some(snapshot),
+        Ok(None) => {
+            eprintln!("pg_stat_statements is not installed; no statement counts");
+            None
+        }
+        Err(error) => {
+            eprintln!("could not read pg_stat_statements: {error}");
+            None
+        }
+    }
+}
+
+/// The database a `postgres://` URL names: its last path segment.
+fn database_name_of(url: &str) -> anyhow::Result<String> {
+    let without_query = url.split('?').next().unwrap_or(url);
+    match without_query.rsplit_once('/') {
+        Some((before, name)) if before.contains("//") && !name.is_empty() => Ok(name.to_string()),
+        _ => anyhow::bail!("{url} names no database"),
+    }
+}
+
 fn counter_prefix(context: &RunContext, scenario: ScenarioId) -> String {
     format!("bench-{}-{}", context.run_id, scenario.name())
 }
@@ -480,6 +515,8 @@ async fn run_tally_write_scenario(
         names: &names,
         acknowledged: &acknowledged,
     };
+    let statements_before = statement_snapshot(context, tally).await;
+    let started = Instant::now();
     let (_targets, phases) = run_write_phases(context, scenario, targets, Some(&catch_up)).await;
     eprintln!(
         "[{}] waiting for PostgreSQL to hold the acknowledged total ({})",
@@ -495,12 +532,35 @@ async fn run_tally_write_scenario(
     )
     .await?;
     eprintln!("[{}] {check:?}", scenario.name());
+    let postgres_statements = match (statements_before, statement_snapshot(context, tally).await) {
+        (Some(before), Some(after)) => {
+            let window_secs = context.args.tally_window_ms.unwrap_or(5_000) as f64 / 1_000.0;
+            let counts = statements::difference(
+                &before,
+                &after,
+                started.elapsed().as_secs_f64(),
+                window_secs,
+                acknowledged_in(&phases) as u64,
+            );
+            eprintln!(
+                "[{}] PostgreSQL statements: {} window upserts in {:.0} s ({} windows), {} statements in all",
+                scenario.name(),
+                counts.window_upserts(),
+                counts.elapsed_secs,
+                counts.windows_elapsed(),
+                counts.all_calls()
+            );
+            Some(counts)
+        }
+        _ => None,
+    };
     Ok(ScenarioReport {
         id: scenario.name(),
         title: scenario_title(&context.args, scenario),
         phases,
         reads: None,
         check,
+        postgres_statements,
     })
 }
 
@@ -617,6 +677,7 @@ async fn run_tally_read_scenario(
         phases: vec![write_phase],
         reads: Some(reads),
         check,
+        postgres_statements: None,
     })
 }
 
@@ -728,6 +789,7 @@ pub async fn run_comparison(
         run_id,
         run_database_url,
         run_database,
+        statistics: admin.clone(),
     };
 
     let outcome = run_scenarios(&context, tally_log_file).await;
@@ -793,6 +855,7 @@ async fn run_scenarios(
                 TallyEndpoint {
                     base_url: base_url.trim_end_matches('/').to_string(),
                     database: PgPool::connect(database_url).await?,
+                    database_name: database_name_of(database_url)?,
                 },
                 None,
             ),
@@ -816,6 +879,7 @@ async fn run_scenarios(
                 eprintln!("Tally ready at {}", server.base_url);
                 let endpoint = TallyEndpoint {
                     base_url: server.base_url.clone(),
+                    database_name: database_name_of(&context.run_database_url)?,
                     database: PgPoolOptions::new()
                         .max_connections(2)
                         .connect(&context.run_database_url)
@@ -845,6 +909,16 @@ async fn run_scenarios(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_database_name_is_the_last_path_segment() {
+        assert_eq!(
+            database_name_of("postgres://tally:tally@127.0.0.1:5432/tally_bench_1?sslmode=disable")
+                .unwrap(),
+            "tally_bench_1"
+        );
+        assert!(database_name_of("postgres://127.0.0.1:5432/").is_err());
+    }
 
     #[test]
     fn the_run_database_replaces_the_last_path_segment() {

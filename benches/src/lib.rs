@@ -12,6 +12,7 @@ pub mod histogram;
 pub mod http1;
 pub mod report;
 pub mod schedule;
+pub mod statements;
 pub mod svg;
 pub mod tally_server;
 pub mod targets;

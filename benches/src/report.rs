@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::histogram::{LatencySummary, format_micros};
+use crate::statements::StatementCounts;
 use crate::svg::{PlotPoint, PlotSeries};
 
 /// The scenario every ratio is relative to: one PostgreSQL row, durable commits.
@@ -46,6 +47,9 @@ pub struct ScenarioReport {
     /// Only for the read scenarios: the readers' side.
     pub reads: Option<ReadReport>,
     pub check: CheckOutcome,
+    /// Only for the Tally write scenarios, when `pg_stat_statements` is installed.
+    #[serde(default)]
+    pub postgres_statements: Option<StatementCounts>,
 }
 
 impl ScenarioReport {
@@ -357,6 +361,47 @@ pub fn markdown_report(report: &RunReport) -> String {
         }
     }
 
+    let statement_rows: Vec<(&ScenarioReport, &StatementCounts)> = report
+        .scenarios
+        .iter()
+        .filter_map(|scenario| {
+            scenario
+                .postgres_statements
+                .as_ref()
+                .map(|counts| (scenario, counts))
+        })
+        .collect();
+    if !statement_rows.is_empty() {
+        markdown.push_str(
+            "\n### PostgreSQL statements while Tally was written (pg_stat_statements)\n\n",
+        );
+        markdown.push_str(
+            "| Scenario | Increments | Seconds | Windows | Window upserts | Upserts per window | Increments per upsert | All statements | Statements by kind |\n",
+        );
+        markdown.push_str("|---|--:|--:|--:|--:|--:|--:|--:|---|\n");
+        for (scenario, counts) in statement_rows {
+            let upserts = counts.window_upserts();
+            let kinds: Vec<String> = counts
+                .statements
+                .iter()
+                .map(|statement| format!("{} {}", statement.label, format_count(statement.calls)))
+                .collect();
+            let _ = writeln!(
+                markdown,
+                "| {} | {} | {:.0} | {:.0} | {} | {:.2} | {} | {} | {} |",
+                scenario.title,
+                format_count(counts.increments),
+                counts.elapsed_secs,
+                counts.windows_elapsed(),
+                format_count(upserts),
+                upserts as f64 / counts.windows_elapsed().max(1.0),
+                format_count(counts.increments / upserts.max(1)),
+                format_count(counts.all_calls()),
+                kinds.join(", "),
+            );
+        }
+    }
+
     let failed: Vec<&str> = report
         .scenarios
         .iter()
@@ -448,6 +493,7 @@ mod tests {
                     increments_per_second / 2.0,
                 ),
             ],
+            postgres_statements: None,
             reads: None,
             check: passed((increments_per_second * 5.0) as i64),
         }
