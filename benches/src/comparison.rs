@@ -548,7 +548,7 @@ async fn run_tally_write_scenario(
                 counts.window_upserts(),
                 counts.elapsed_secs,
                 counts.windows_elapsed(),
-                counts.all_calls()
+                counts.tally_calls()
             );
             Some(counts)
         }

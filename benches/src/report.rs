@@ -396,7 +396,7 @@ pub fn markdown_report(report: &RunReport) -> String {
                 format_count(upserts),
                 upserts as f64 / counts.windows_elapsed().max(1.0),
                 format_count(counts.increments / upserts.max(1)),
-                format_count(counts.all_calls()),
+                format_count(counts.tally_calls()),
                 kinds.join(", "),
             );
         }

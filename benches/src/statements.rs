@@ -41,6 +41,8 @@ pub struct StatementCount {
 /// The statement that makes a window durable (crates/tally-aggregator/src/commit.rs).
 const WINDOW_UPSERT_PREFIX: &str = "WITH keyed AS";
 pub const WINDOW_UPSERT_LABEL: &str = "window upsert";
+/// The load tool's own convergence checks run in Tally's database too; they are not Tally's load.
+pub const LOAD_TOOL_LABEL: &str = "load tool's check";
 
 impl StatementCounts {
     pub fn window_upserts(&self) -> u64 {
@@ -51,9 +53,11 @@ impl StatementCounts {
             .sum()
     }
 
-    pub fn all_calls(&self) -> u64 {
+    /// Every statement Tally ran (the load tool's own checks left out).
+    pub fn tally_calls(&self) -> u64 {
         self.statements
             .iter()
+            .filter(|statement| statement.label != LOAD_TOOL_LABEL)
             .map(|statement| statement.calls)
             .sum()
     }
@@ -148,6 +152,12 @@ fn label_of(query: &str) -> String {
     if lower.starts_with("delete from idempotency_keys") {
         return "expired key pruning".to_string();
     }
+    if lower.contains("from counters where name like") {
+        return LOAD_TOOL_LABEL.to_string();
+    }
+    if lower == "begin" || lower == "commit" {
+        return format!("window transaction {lower}");
+    }
     match lower.split_whitespace().next() {
         Some(verb) => format!("other {verb}"),
         None => "other".to_string(),
@@ -201,6 +211,12 @@ mod tests {
                 1,
                 0,
             ),
+            (
+                5,
+                "SELECT name, total FROM counters WHERE name LIKE $1",
+                2,
+                7,
+            ),
             (4, "UPDATE naive_counters SET count = count + $1", 5, 5),
         ]);
         let counts = difference(&before, &snapshot_of(&[]), 1.0, 5.0, 0);
@@ -218,11 +234,12 @@ mod tests {
             [
                 ("offset fence", 3, 18),
                 (WINDOW_UPSERT_LABEL, 3, 300),
+                (LOAD_TOOL_LABEL, 2, 7),
                 ("expired key pruning", 1, 0),
             ]
         );
         assert_eq!(counts.window_upserts(), 3);
-        assert_eq!(counts.all_calls(), 7);
+        assert_eq!(counts.tally_calls(), 7);
         assert_eq!(counts.windows_elapsed(), 3.0);
         assert_eq!(
             counts.statements[1].query,
@@ -245,5 +262,6 @@ mod tests {
         assert_eq!(one_line("SELECT\n  a,\n  b", 90), "SELECT a, b");
         assert_eq!(one_line("abcdef", 3), "abc…");
         assert_eq!(label_of("  select 1"), "other select");
+        assert_eq!(label_of("COMMIT"), "window transaction commit");
     }
 }
