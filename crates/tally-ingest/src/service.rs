@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use rand::Rng as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tally_core::{
@@ -330,17 +330,20 @@ impl IngestService {
         batch: &[CounterIncrements],
     ) -> Result<(), ProduceError> {
         let window_start_ms = self.window.start_of(now_ms());
-        let outcomes = join_all(batch.iter().map(|increments| {
-            let payload = IncrementRecord::new(
-                window_start_ms,
-                increments.by,
-                increments.increments,
-                increments.keyed.clone(),
-            )
-            .encode();
-            async move { self.produce(increments.name.as_str(), &payload).await }
-        }))
-        .await;
+        let sent = batch
+            .iter()
+            .map(|increments| {
+                let payload = IncrementRecord::new(
+                    window_start_ms,
+                    increments.by,
+                    increments.increments,
+                    increments.keyed.clone(),
+                )
+                .encode();
+                self.send(increments.name.as_str(), &payload)
+            })
+            .collect();
+        let outcomes = self.await_deliveries(sent).await;
         let first_failure = outcomes.iter().find_map(|outcome| outcome.clone().err());
         let partly_acknowledged: Vec<CounterIncrements>;
         let acknowledged = match first_failure {
@@ -367,45 +370,80 @@ impl IngestService {
     }
 
     async fn produce(&self, name: &str, payload: &[u8]) -> Result<(), ProduceError> {
-        let started = Instant::now();
+        let mut outcomes = self.await_deliveries(vec![self.send(name, payload)]).await;
+        outcomes.pop().expect("one outcome per record")
+    }
+
+    /// Hands one record to the producer, which sends it in the background.
+    fn send(&self, name: &str, payload: &[u8]) -> Result<DeliveryFuture, ProduceError> {
         let record = FutureRecord::to(&self.topic).key(name).payload(payload);
-        let delivery = match self.producer.send_result(record) {
-            Ok(delivery) => delivery,
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+        self.producer.send_result(record).map_err(|(error, _)| {
+            if let KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) = error {
                 metrics::KAFKA_FAILURES
                     .with_label_values(&["queue_full"])
                     .inc();
-                return Err(ProduceError::QueueFull);
+                return ProduceError::QueueFull;
             }
-            Err((error, _)) => {
-                metrics::KAFKA_FAILURES
-                    .with_label_values(&["rejected"])
-                    .inc();
-                return Err(ProduceError::Rejected(error));
-            }
-        };
-        // The producer itself gives up at the same deadline (message.timeout.ms); the extra
-        // second only covers the delivery report's trip back to this task.
+            metrics::KAFKA_FAILURES
+                .with_label_values(&["rejected"])
+                .inc();
+            ProduceError::Rejected(error)
+        })
+    }
+
+    /// Waits for records sent together, under one deadline for all of them: one timer per
+    /// request, not per record.
+    async fn await_deliveries(
+        &self,
+        sent: Vec<Result<DeliveryFuture, ProduceError>>,
+    ) -> Vec<Result<(), ProduceError>> {
+        let started = Instant::now();
+        let records = sent.len();
+        let deliveries = join_all(sent.into_iter().map(|sent| async move {
+            let delivery = sent?.await;
+            self.delivery_outcome(delivery, started)
+        }));
+        // The producer itself gives up at the same deadline (message.timeout.ms) and reports it
+        // as MessageTimedOut; the extra second only covers the report's trip back to this task.
         let deadline = self.produce_timeout + Duration::from_secs(1);
-        match tokio::time::timeout(deadline, delivery).await {
-            Ok(Ok(Ok(_))) => {
+        match tokio::time::timeout(deadline, deliveries).await {
+            Ok(outcomes) => outcomes,
+            Err(_elapsed) => {
+                metrics::KAFKA_FAILURES
+                    .with_label_values(&["timeout"])
+                    .inc_by(records as u64);
+                (0..records)
+                    .map(|_| Err(ProduceError::Timeout(self.produce_timeout)))
+                    .collect()
+            }
+        }
+    }
+
+    /// `delivery` is what a [`DeliveryFuture`] resolves to; its outer error means the producer
+    /// dropped the record's report channel.
+    fn delivery_outcome<T, M, Dropped>(
+        &self,
+        delivery: Result<Result<T, (KafkaError, M)>, Dropped>,
+        started: Instant,
+    ) -> Result<(), ProduceError> {
+        match delivery {
+            Ok(Ok(_)) => {
                 metrics::KAFKA_ACK_SECONDS.observe(started.elapsed().as_secs_f64());
                 Ok(())
             }
-            Ok(Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))))
-            | Err(_) => {
+            Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))) => {
                 metrics::KAFKA_FAILURES
                     .with_label_values(&["timeout"])
                     .inc();
                 Err(ProduceError::Timeout(self.produce_timeout))
             }
-            Ok(Ok(Err((error, _)))) => {
+            Ok(Err((error, _))) => {
                 metrics::KAFKA_FAILURES
                     .with_label_values(&["rejected"])
                     .inc();
                 Err(ProduceError::Rejected(error))
             }
-            Ok(Err(_canceled)) => {
+            Err(_canceled) => {
                 metrics::KAFKA_FAILURES
                     .with_label_values(&["canceled"])
                     .inc();
