@@ -92,6 +92,13 @@ pub struct LoadgenArgs {
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     pub settle: Duration,
 
+    /// Unmeasured closed-loop load before each Tally write scenario. Kafka's JVM compiles its
+    /// hot paths during the first seconds of load, and a scenario that ran during that time
+    /// measured the compiler. What the warm-up acknowledges still counts in the PostgreSQL check.
+    /// `0s` turns it off.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub warm_up: Duration,
+
     /// Concurrent clients (connections) of each write scenario.
     #[arg(long, default_value_t = 64)]
     pub clients: usize,

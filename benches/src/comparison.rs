@@ -243,6 +243,7 @@ async fn run_postgres_row_scenario(
         reads: None,
         check,
         postgres_statements: None,
+        warm_up: None,
     })
 }
 
@@ -285,6 +286,7 @@ async fn run_postgres_sharded_scenario(context: &RunContext) -> anyhow::Result<S
         reads: None,
         check,
         postgres_statements: None,
+        warm_up: None,
     })
 }
 
@@ -333,6 +335,7 @@ async fn run_redis_scenario(
         reads: None,
         check,
         postgres_statements: None,
+        warm_up: None,
     })
 }
 
@@ -517,7 +520,20 @@ async fn run_tally_write_scenario(
     };
     let statements_before = statement_snapshot(context, tally).await;
     let started = Instant::now();
+    let (targets, warm_up) = if context.args.warm_up.is_zero() {
+        (targets, None)
+    } else {
+        let (targets, warm_up) =
+            run_phase(targets, PhasePacing::ClosedLoop, context.args.warm_up).await;
+        eprintln!(
+            "[{}] warm-up: {} increments/s, not measured",
+            scenario.name(),
+            format_rate(warm_up.increments_per_second)
+        );
+        (targets, Some(warm_up))
+    };
     let (_targets, phases) = run_write_phases(context, scenario, targets, Some(&catch_up)).await;
+    let warm_up_failures = warm_up.as_ref().map_or(0, |phase| phase.requests_failed);
     eprintln!(
         "[{}] waiting for PostgreSQL to hold the acknowledged total ({})",
         scenario.name(),
@@ -527,7 +543,7 @@ async fn run_tally_write_scenario(
         &tally.database,
         &names,
         &acknowledged,
-        failed_requests_in(&phases),
+        failed_requests_in(&phases) + warm_up_failures,
         context.args.convergence_timeout,
     )
     .await?;
@@ -540,7 +556,7 @@ async fn run_tally_write_scenario(
                 &after,
                 started.elapsed().as_secs_f64(),
                 window_secs,
-                acknowledged_in(&phases) as u64,
+                acknowledged.sum() as u64,
             );
             eprintln!(
                 "[{}] PostgreSQL statements: {} window upserts in {:.0} s ({} windows), {} statements in all",
@@ -561,6 +577,7 @@ async fn run_tally_write_scenario(
         reads: None,
         check,
         postgres_statements,
+        warm_up,
     })
 }
 
@@ -678,6 +695,7 @@ async fn run_tally_read_scenario(
         reads: Some(reads),
         check,
         postgres_statements: None,
+        warm_up: None,
     })
 }
 
@@ -738,6 +756,7 @@ fn run_settings(args: &LoadgenArgs) -> RunSettings {
     RunSettings {
         phase_duration_secs: args.duration.as_secs_f64(),
         settle_secs: args.settle.as_secs_f64(),
+        warm_up_secs: args.warm_up.as_secs_f64(),
         clients: args.clients,
         sweep_fractions: args.sweep_fractions.clone(),
         fixed_rate_requests_per_second: args.rate,

@@ -27,6 +27,8 @@ pub struct RunReport {
 pub struct RunSettings {
     pub phase_duration_secs: f64,
     pub settle_secs: f64,
+    #[serde(default)]
+    pub warm_up_secs: f64,
     pub clients: usize,
     pub sweep_fractions: Vec<f64>,
     pub fixed_rate_requests_per_second: Option<f64>,
@@ -47,6 +49,9 @@ pub struct ScenarioReport {
     /// Only for the read scenarios: the readers' side.
     pub reads: Option<ReadReport>,
     pub check: CheckOutcome,
+    /// The unmeasured load before the phases (Tally write scenarios only).
+    #[serde(default)]
+    pub warm_up: Option<PhaseReport>,
     /// Only for the Tally write scenarios, when `pg_stat_statements` is installed.
     #[serde(default)]
     pub postgres_statements: Option<StatementCounts>,
@@ -229,8 +234,12 @@ pub fn markdown_report(report: &RunReport) -> String {
     let settings = &report.settings;
     let _ = writeln!(
         markdown,
-        "Run of {} on {} cores shared by everything; {} s per phase, {} clients.\n",
-        report.started_at, report.available_cores, settings.phase_duration_secs, settings.clients
+        "Run of {} on {} cores shared by everything; {} s per phase, {} clients, {} s of unmeasured warm-up before each Tally write scenario.\n",
+        report.started_at,
+        report.available_cores,
+        settings.phase_duration_secs,
+        settings.clients,
+        settings.warm_up_secs
     );
 
     markdown.push_str("### Throughput\n\n");
@@ -494,6 +503,7 @@ mod tests {
                 ),
             ],
             postgres_statements: None,
+            warm_up: None,
             reads: None,
             check: passed((increments_per_second * 5.0) as i64),
         }
@@ -506,6 +516,7 @@ mod tests {
             settings: RunSettings {
                 phase_duration_secs: 5.0,
                 settle_secs: 2.0,
+                warm_up_secs: 5.0,
                 clients: 64,
                 sweep_fractions: vec![0.5],
                 fixed_rate_requests_per_second: None,
