@@ -78,6 +78,12 @@ impl Aggregator {
             // A killed aggregator's partitions move to a live one within seconds.
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
+            // The aggregator writes once per window, so it need not fetch every record the
+            // moment it lands: asking for 64 KiB or 100 ms, whichever comes first, saves the broker
+            // a fetch per produce, which on two cores gave the ingest about 13% more
+            // throughput side by side (benches/README.md).
+            .set("fetch.min.bytes", "65536")
+            .set("fetch.wait.max.ms", "100")
             .create_with_context(AggregatorContext { shared })
             .context("failed to create the Kafka consumer")?;
         Ok(Self {

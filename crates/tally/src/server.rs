@@ -232,7 +232,9 @@ async fn heal_lost_redis(
             .query_async::<bool>(&mut redis)
             .await;
         if let Ok(false) = meta_exists {
-            warn!("redis lost its data; rebuilding it from postgres");
+            warn!(
+                "redis holds no tally metadata (a first start, or redis lost its data); rebuilding it from postgres"
+            );
             match replay.run(|line| info!("{line}")).await {
                 Ok(summary) => info!(
                     replay.counters = summary.counters_rebuilt,
