@@ -20,7 +20,13 @@ pub struct CounterSummaryRow {
     pub windows: Vec<(i64, i64)>,
 }
 
-/// Applies aggregator commits to the summaries in one round trip. Returns the names whose
+/// Summaries per pipeline. A window of a busy aggregator touches hundreds of thousands of
+/// counters; sent as one pipeline, Redis would spend seconds on it while everyone else's commands
+/// wait, and the round trip would outlast the response timeout. Chunks of this size take a few
+/// milliseconds each.
+const SUMMARIES_PER_PIPELINE: usize = 2_000;
+
+/// Applies aggregator commits to the summaries, a chunk per round trip. Returns the names whose
 /// summary was not at the previous version; the caller must rewrite those in full.
 pub async fn apply_commits(
     connection: &mut ConnectionManager,
@@ -28,30 +34,32 @@ pub async fn apply_commits(
     commits: &[CounterSummaryRow],
     prune_before_ms: i64,
 ) -> redis::RedisResult<Vec<String>> {
-    if commits.is_empty() {
-        return Ok(Vec::new());
-    }
     let script = redis::Script::new(scripts::APPLY_SUMMARY_COMMIT);
-    let mut pipeline = pipeline_with_script(scripts::APPLY_SUMMARY_COMMIT);
-    for commit in commits {
-        let mut invocation = script.key(keys.summary(&commit.name));
-        invocation
-            .arg(commit.version)
-            .arg(commit.total)
-            .arg(commit.partition)
-            .arg(prune_before_ms);
-        for (window_start_ms, sum) in &commit.windows {
-            invocation.arg(window_start_ms).arg(sum);
+    let mut stale = Vec::new();
+    for chunk in commits.chunks(SUMMARIES_PER_PIPELINE) {
+        let mut pipeline = pipeline_with_script(scripts::APPLY_SUMMARY_COMMIT);
+        for commit in chunk {
+            let mut invocation = script.key(keys.summary(&commit.name));
+            invocation
+                .arg(commit.version)
+                .arg(commit.total)
+                .arg(commit.partition)
+                .arg(prune_before_ms);
+            for (window_start_ms, sum) in &commit.windows {
+                invocation.arg(window_start_ms).arg(sum);
+            }
+            pipeline.invoke_script(&invocation);
         }
-        pipeline.invoke_script(&invocation);
+        let outcomes: Vec<i64> = pipeline.query_async(connection).await?;
+        stale.extend(
+            chunk
+                .iter()
+                .zip(outcomes)
+                .filter(|(_, outcome)| *outcome < 0)
+                .map(|(commit, _)| commit.name.clone()),
+        );
     }
-    let outcomes: Vec<i64> = pipeline.query_async(connection).await?;
-    Ok(commits
-        .iter()
-        .zip(outcomes)
-        .filter(|(_, outcome)| *outcome < 0)
-        .map(|(commit, _)| commit.name.clone())
-        .collect())
+    Ok(stale)
 }
 
 /// Replaces summaries with full copies from PostgreSQL, skipping any that Redis holds in a
@@ -61,24 +69,25 @@ pub async fn replace(
     keys: &KeySpace,
     summaries: &[CounterSummaryRow],
 ) -> redis::RedisResult<usize> {
-    if summaries.is_empty() {
-        return Ok(0);
-    }
     let script = redis::Script::new(scripts::REPLACE_SUMMARY);
-    let mut pipeline = pipeline_with_script(scripts::REPLACE_SUMMARY);
-    for summary in summaries {
-        let mut invocation = script.key(keys.summary(&summary.name));
-        invocation
-            .arg(summary.version)
-            .arg(summary.total)
-            .arg(summary.partition);
-        for (window_start_ms, sum) in &summary.windows {
-            invocation.arg(window_start_ms).arg(sum);
+    let mut written = 0;
+    for chunk in summaries.chunks(SUMMARIES_PER_PIPELINE) {
+        let mut pipeline = pipeline_with_script(scripts::REPLACE_SUMMARY);
+        for summary in chunk {
+            let mut invocation = script.key(keys.summary(&summary.name));
+            invocation
+                .arg(summary.version)
+                .arg(summary.total)
+                .arg(summary.partition);
+            for (window_start_ms, sum) in &summary.windows {
+                invocation.arg(window_start_ms).arg(sum);
+            }
+            pipeline.invoke_script(&invocation);
         }
-        pipeline.invoke_script(&invocation);
+        let outcomes: Vec<i64> = pipeline.query_async(connection).await?;
+        written += outcomes.into_iter().filter(|outcome| *outcome == 1).count();
     }
-    let outcomes: Vec<i64> = pipeline.query_async(connection).await?;
-    Ok(outcomes.into_iter().filter(|outcome| *outcome == 1).count())
+    Ok(written)
 }
 
 /// A pipeline that first loads `script`. Pipelined invocations use EVALSHA and, unlike single

@@ -84,12 +84,16 @@ impl App {
         let mut aggregator = None;
         let mut auto_replay = None;
         if args.runs(Role::Aggregator) {
+            // A connection of its own: the aggregator and the replay write summaries in long
+            // pipelines, and on the shared multiplexed connection the ingest's INCRBYs and the
+            // reads would queue behind them.
+            let summaries_redis = tally_infra::redis_store::connect(&args.store)?;
             aggregator = Some(Aggregator::build(
                 &args.store,
                 &args.pipeline,
                 &args.aggregator,
                 pool.clone(),
-                redis.clone(),
+                summaries_redis.clone(),
                 cancel.clone(),
             )?);
             if args.auto_replay {
@@ -98,7 +102,7 @@ impl App {
                     &args.pipeline,
                     &args.aggregator,
                     pool.clone(),
-                    redis.clone(),
+                    summaries_redis,
                     Duration::from_secs(600),
                 ));
             }
