@@ -10,7 +10,7 @@ use tally_replay::ReplayJob;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-/// Measured in benches/README.md: the batch API spent about a sixth of the ingest's CPU in the
+/// Measured in benches/README.md: the batch API spent about a third of the ingest's CPU in the
 /// system allocator's `malloc` and `free`, and mimalloc's thread-local free lists raised its
 /// throughput by about 40% in side-by-side runs.
 #[global_allocator]
