@@ -2,8 +2,8 @@
 //! further increments of that counter wait, and then travel together as one record and one
 //! `INCRBY`. An idle counter's increment leaves at once; a hot counter's increments form groups by
 //! themselves, as large as the arrival rate times one Kafka acknowledgement divided by the records
-//! in flight. Several records in flight keep a counter's throughput from being capped at one
-//! group per acknowledgement. Each request still answers only once the record holding its
+//! in flight. Two records in flight keep a counter's throughput from being capped at one group
+//! per acknowledgement. Each request still answers only once the record holding its
 //! increment is acknowledged.
 
 use std::collections::HashMap;

@@ -4,7 +4,7 @@
 //! Kafka record per counter (key = counter name, `acks=all`, idempotent producer), waits for
 //! the acknowledgement, then `INCRBY`s one of the counter's Redis shard keys, picked at random
 //! among as many as the counter's write rate calls for (`hot_names`). Increments of one counter
-//! that arrive while its previous record is in flight travel together (`group_commit`).
+//! that arrive while its previous records are in flight travel together (`group_commit`).
 //!
 //! The ingest must never answer `202` before Kafka acknowledged, and never treat Redis as the
 //! truth: a failed `INCRBY` costs freshness until the window closes, never a count.

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt as _;
 use futures_util::future::join_all;
+use futures_util::stream::FuturesUnordered;
 use rand::Rng as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -65,6 +67,11 @@ pub enum ProduceError {
     Rejected(KafkaError),
     #[error("the producer queue is full; the increment was not sent")]
     QueueFull,
+    /// Some of a request's records were acknowledged and others were not.
+    #[error(
+        "some of the request's records were written and others were not ({0}); every increment of the request is indeterminate"
+    )]
+    PartlyWritten(Box<ProduceError>),
 }
 
 /// Built once: building a script hashes its source, which is no work for every record.
@@ -86,6 +93,22 @@ pub struct IngestService {
     group_commit: GroupCommit,
     redis_failure_log: LogThrottle,
     pub(crate) batch_max_items: usize,
+}
+
+/// What a request of several records answers, given each record's outcome.
+fn request_outcome(outcomes: Vec<Result<(), ProduceError>>) -> Result<(), ProduceError> {
+    let Some(first_failure) = outcomes.iter().find_map(|outcome| outcome.clone().err()) else {
+        return Ok(());
+    };
+    if outcomes.iter().any(Result::is_ok) {
+        return Err(ProduceError::PartlyWritten(Box::new(first_failure)));
+    }
+    // "Not sent" only if no record was: otherwise say what makes the request indeterminate.
+    Err(outcomes
+        .into_iter()
+        .filter_map(Result::err)
+        .find(|error| !matches!(error, ProduceError::QueueFull))
+        .unwrap_or(first_failure))
 }
 
 /// Lets one log line through per interval.
@@ -264,7 +287,13 @@ impl IngestService {
     /// counter.
     pub async fn accept(self: &Arc<Self>, batch: &[CounterIncrements]) -> Result<(), ProduceError> {
         if batch.len() > 1 {
-            return self.produce_batch_and_count(batch).await;
+            // A task of its own, as group commit's are: a client that hangs up must not stop the
+            // Redis step after Kafka acknowledged.
+            let this = Arc::clone(self);
+            let batch = batch.to_vec();
+            return tokio::spawn(async move { this.produce_batch_and_count(&batch).await })
+                .await
+                .unwrap_or(Err(ProduceError::Timeout(self.produce_timeout)));
         }
         let outcomes = join_all(batch.iter().map(|increments| {
             let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -344,19 +373,17 @@ impl IngestService {
             })
             .collect();
         let outcomes = self.await_deliveries(sent).await;
-        let first_failure = outcomes.iter().find_map(|outcome| outcome.clone().err());
         let partly_acknowledged: Vec<CounterIncrements>;
-        let acknowledged = match first_failure {
-            None => batch,
-            Some(_) => {
-                partly_acknowledged = batch
-                    .iter()
-                    .zip(&outcomes)
-                    .filter(|(_, outcome)| outcome.is_ok())
-                    .map(|(increments, _)| increments.clone())
-                    .collect();
-                &partly_acknowledged
-            }
+        let acknowledged = if outcomes.iter().all(Result::is_ok) {
+            batch
+        } else {
+            partly_acknowledged = batch
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, outcome)| outcome.is_ok())
+                .map(|(increments, _)| increments.clone())
+                .collect();
+            &partly_acknowledged
         };
         self.add_to_redis(acknowledged, window_start_ms).await;
         metrics::RECORDS_PRODUCED.inc_by(acknowledged.len() as u64);
@@ -366,7 +393,7 @@ impl IngestService {
                 .map(|increments| u64::from(increments.increments))
                 .sum(),
         );
-        first_failure.map_or(Ok(()), Err)
+        request_outcome(outcomes)
     }
 
     async fn produce(&self, name: &str, payload: &[u8]) -> Result<(), ProduceError> {
@@ -392,31 +419,48 @@ impl IngestService {
     }
 
     /// Waits for records sent together, under one deadline for all of them: one timer per
-    /// request, not per record.
+    /// request, not per record. Outcomes that arrived before the deadline are kept.
     async fn await_deliveries(
         &self,
         sent: Vec<Result<DeliveryFuture, ProduceError>>,
     ) -> Vec<Result<(), ProduceError>> {
         let started = Instant::now();
-        let records = sent.len();
-        let deliveries = join_all(sent.into_iter().map(|sent| async move {
-            let delivery = sent?.await;
-            self.delivery_outcome(delivery, started)
-        }));
+        let mut outcomes: Vec<Option<Result<(), ProduceError>>> = vec![None; sent.len()];
+        let mut deliveries: FuturesUnordered<_> = sent
+            .into_iter()
+            .enumerate()
+            .map(|(index, sent)| async move {
+                let outcome = match sent {
+                    Ok(delivery) => self.delivery_outcome(delivery.await, started),
+                    Err(error) => Err(error),
+                };
+                (index, outcome)
+            })
+            .collect();
         // The producer itself gives up at the same deadline (message.timeout.ms) and reports it
         // as MessageTimedOut; the extra second only covers the report's trip back to this task.
-        let deadline = self.produce_timeout + Duration::from_secs(1);
-        match tokio::time::timeout(deadline, deliveries).await {
-            Ok(outcomes) => outcomes,
-            Err(_elapsed) => {
-                metrics::KAFKA_FAILURES
-                    .with_label_values(&["timeout"])
-                    .inc_by(records as u64);
-                (0..records)
-                    .map(|_| Err(ProduceError::Timeout(self.produce_timeout)))
-                    .collect()
+        let deadline = tokio::time::sleep(self.produce_timeout + Duration::from_secs(1));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                delivered = deliveries.next() => match delivered {
+                    Some((index, outcome)) => outcomes[index] = Some(outcome),
+                    None => break,
+                },
+                () = &mut deadline => break,
             }
         }
+        outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.unwrap_or_else(|| {
+                    metrics::KAFKA_FAILURES
+                        .with_label_values(&["timeout"])
+                        .inc();
+                    Err(ProduceError::Timeout(self.produce_timeout))
+                })
+            })
+            .collect()
     }
 
     /// `delivery` is what a [`DeliveryFuture`] resolves to; its outer error means the producer
@@ -524,5 +568,30 @@ impl IngestService {
                 debug!(%error, "redis incrby failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_says_not_sent_only_when_no_record_was_sent() {
+        let timeout = || ProduceError::Timeout(Duration::from_secs(5));
+        assert!(request_outcome(vec![Ok(()), Ok(())]).is_ok());
+        assert!(matches!(
+            request_outcome(vec![
+                Err(ProduceError::QueueFull),
+                Err(ProduceError::QueueFull)
+            ]),
+            Err(ProduceError::QueueFull)
+        ));
+        assert!(matches!(
+            request_outcome(vec![Err(ProduceError::QueueFull), Err(timeout())]),
+            Err(ProduceError::Timeout(_))
+        ));
+        let partly = request_outcome(vec![Ok(()), Err(ProduceError::QueueFull)]).unwrap_err();
+        assert!(matches!(partly, ProduceError::PartlyWritten(_)));
+        assert!(partly.to_string().contains("indeterminate"), "{partly}");
     }
 }
