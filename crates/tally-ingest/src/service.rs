@@ -336,14 +336,7 @@ impl IngestService {
     /// One record: produce it, wait for the acknowledgement, then `INCRBY`.
     async fn produce_and_count(&self, increments: &CounterIncrements) -> Result<(), ProduceError> {
         let window_start_ms = self.window.start_of(now_ms());
-        let payload = IncrementRecord::new(
-            window_start_ms,
-            increments.by,
-            increments.increments,
-            increments.keyed.clone(),
-        )
-        .encode();
-        self.produce(increments.name.as_str(), &payload).await?;
+        self.produce(increments, window_start_ms).await?;
         self.add_to_redis(std::slice::from_ref(increments), window_start_ms)
             .await;
         metrics::RECORDS_PRODUCED.inc();
@@ -361,16 +354,7 @@ impl IngestService {
         let window_start_ms = self.window.start_of(now_ms());
         let sent = batch
             .iter()
-            .map(|increments| {
-                let payload = IncrementRecord::new(
-                    window_start_ms,
-                    increments.by,
-                    increments.increments,
-                    increments.keyed.clone(),
-                )
-                .encode();
-                self.send(increments.name.as_str(), &payload)
-            })
+            .map(|increments| self.send(increments, window_start_ms))
             .collect();
         let outcomes = self.await_deliveries(sent).await;
         let partly_acknowledged: Vec<CounterIncrements>;
@@ -396,14 +380,32 @@ impl IngestService {
         request_outcome(outcomes)
     }
 
-    async fn produce(&self, name: &str, payload: &[u8]) -> Result<(), ProduceError> {
-        let mut outcomes = self.await_deliveries(vec![self.send(name, payload)]).await;
+    async fn produce(
+        &self,
+        increments: &CounterIncrements,
+        window_start_ms: i64,
+    ) -> Result<(), ProduceError> {
+        let sent = self.send(increments, window_start_ms);
+        let mut outcomes = self.await_deliveries(vec![sent]).await;
         outcomes.pop().expect("one outcome per record")
     }
 
-    /// Hands one record to the producer, which sends it in the background.
-    fn send(&self, name: &str, payload: &[u8]) -> Result<DeliveryFuture, ProduceError> {
-        let record = FutureRecord::to(&self.topic).key(name).payload(payload);
+    /// Hands one counter's record to the producer, which sends it in the background.
+    fn send(
+        &self,
+        increments: &CounterIncrements,
+        window_start_ms: i64,
+    ) -> Result<DeliveryFuture, ProduceError> {
+        let payload = IncrementRecord::new(
+            window_start_ms,
+            increments.by,
+            increments.increments,
+            increments.keyed.clone(),
+        )
+        .encode();
+        let record = FutureRecord::to(&self.topic)
+            .key(increments.name.as_str())
+            .payload(&payload);
         self.producer.send_result(record).map_err(|(error, _)| {
             if let KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) = error {
                 metrics::KAFKA_FAILURES
