@@ -179,6 +179,29 @@ fn failed_requests_in(phases: &[PhaseReport]) -> u64 {
     phases.iter().map(|phase| phase.requests_failed).sum()
 }
 
+/// A baseline's report: its store was written synchronously, so it must match at once.
+fn baseline_report(
+    context: &RunContext,
+    scenario: ScenarioId,
+    phases: Vec<PhaseReport>,
+    stored: i64,
+) -> ScenarioReport {
+    let check = immediate_check(
+        acknowledged_in(&phases),
+        stored,
+        failed_requests_in(&phases),
+    );
+    ScenarioReport {
+        id: scenario.name(),
+        title: scenario_title(&context.args, scenario),
+        phases,
+        reads: None,
+        check,
+        postgres_statements: None,
+        warm_up: None,
+    }
+}
+
 /// A baseline's check: its store was written synchronously, so it must match at once.
 fn immediate_check(acknowledged: i64, stored: i64, failed_requests: u64) -> CheckOutcome {
     if acknowledged == stored {
@@ -231,20 +254,7 @@ async fn run_postgres_row_scenario(
         .bind(&counter_name)
         .fetch_one(&context.run_database)
         .await?;
-    let check = immediate_check(
-        acknowledged_in(&phases),
-        stored,
-        failed_requests_in(&phases),
-    );
-    Ok(ScenarioReport {
-        id: scenario.name(),
-        title: scenario_title(&context.args, scenario),
-        phases,
-        reads: None,
-        check,
-        postgres_statements: None,
-        warm_up: None,
-    })
+    Ok(baseline_report(context, scenario, phases, stored))
 }
 
 async fn run_postgres_sharded_scenario(context: &RunContext) -> anyhow::Result<ScenarioReport> {
@@ -274,20 +284,7 @@ async fn run_postgres_sharded_scenario(context: &RunContext) -> anyhow::Result<S
             .bind(&counter_name)
             .fetch_one(&context.run_database)
             .await?;
-    let check = immediate_check(
-        acknowledged_in(&phases),
-        stored,
-        failed_requests_in(&phases),
-    );
-    Ok(ScenarioReport {
-        id: scenario.name(),
-        title: scenario_title(&context.args, scenario),
-        phases,
-        reads: None,
-        check,
-        postgres_statements: None,
-        warm_up: None,
-    })
+    Ok(baseline_report(context, scenario, phases, stored))
 }
 
 fn redis_baseline_key(context: &RunContext, scenario: ScenarioId) -> String {
@@ -323,20 +320,12 @@ async fn run_redis_scenario(
         .arg(&key)
         .query_async(&mut connection)
         .await?;
-    let check = immediate_check(
-        acknowledged_in(&phases),
-        stored.unwrap_or(0),
-        failed_requests_in(&phases),
-    );
-    Ok(ScenarioReport {
-        id: scenario.name(),
-        title: scenario_title(&context.args, scenario),
+    Ok(baseline_report(
+        context,
+        scenario,
         phases,
-        reads: None,
-        check,
-        postgres_statements: None,
-        warm_up: None,
-    })
+        stored.unwrap_or(0),
+    ))
 }
 
 /// Waits until PostgreSQL holds exactly the acknowledged total of every name, as the
