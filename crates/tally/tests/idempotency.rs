@@ -179,3 +179,58 @@ async fn the_dedup_survives_redis_loss_and_replay() {
         "the metric should exist"
     );
 }
+
+/// Two requests with one idempotency key, sent at the same moment, for two counters or for two
+/// amounts. Whatever each answers, every `202` with `"duplicate": false` must be counted exactly
+/// once, and a key reused for another increment must never answer `202` twice as a first use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_first_uses_of_one_key_never_lose_an_acknowledged_increment() {
+    let redis = OwnRedis::start();
+    let app = std::sync::Arc::new(spawn_app_on(&redis).await);
+    let pairs = 200;
+    let mut expected: std::collections::HashMap<String, i64> = Default::default();
+    let mut statuses: std::collections::BTreeMap<u16, usize> = Default::default();
+    let mut double_first_uses = 0;
+    for pair in 0..pairs {
+        let key = format!("race-{pair}");
+        // Even pairs: one key, two counters. Odd pairs: one key, one counter, amounts 1 and 2.
+        let (first, second) = if pair % 2 == 0 {
+            (("race-a".to_owned(), 1), ("race-b".to_owned(), 1))
+        } else {
+            (("race-c".to_owned(), 1), ("race-c".to_owned(), 2))
+        };
+        let (a, b) = tokio::join!(
+            increment_with_key(&app, &first.0, first.1, &key),
+            increment_with_key(&app, &second.0, second.1, &key)
+        );
+        let mut first_uses = 0;
+        for ((status, body), (name, by)) in [(a, first), (b, second)] {
+            *statuses.entry(status).or_default() += 1;
+            if status == 202 && body["duplicate"] == json!(false) {
+                first_uses += 1;
+                *expected.entry(name).or_default() += by;
+            } else {
+                assert!(
+                    [202, 409, 422].contains(&status),
+                    "a racing reuse of a key answers 202, 409 or 422: {status} {body}"
+                );
+            }
+        }
+        if first_uses > 1 {
+            double_first_uses += 1;
+        }
+    }
+    println!("{pairs} racing pairs answered {statuses:?}");
+    for (name, value) in &expected {
+        wait_for_exact(&app, name, *value).await;
+    }
+    for name in ["race-a", "race-b", "race-c"] {
+        if !expected.contains_key(name) {
+            assert_eq!(postgres_total(&app, name).await.unwrap_or(0), 0, "{name}");
+        }
+    }
+    assert_eq!(
+        double_first_uses, 0,
+        "with Redis up, a key is claimed before it is produced: only one of two racing uses may be acknowledged as new"
+    );
+}

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{OwnRedis, TestApp, random_suffix, start, test_args, use_fresh_database, wait_until};
+use common::{
+    OwnRedis, TestApp, random_suffix, redis_command, start, test_args, use_fresh_database,
+    wait_until,
+};
 use tokio::sync::Mutex;
 
 const NAMES: usize = 40;
@@ -52,14 +55,121 @@ async fn restarting_redis_empty_during_load_loses_nothing() {
 }
 
 async fn spawn_app_on(redis_url: String) -> TestApp {
+    spawn_app_healing(redis_url, false).await
+}
+
+/// With `auto_replay` off, only the operator's replay heals Redis.
+async fn spawn_app_healing(redis_url: String, auto_replay: bool) -> TestApp {
     let suffix = random_suffix();
     let mut args = test_args(&suffix);
     use_fresh_database(&mut args, &suffix).await;
     args.store.redis_url = redis_url;
-    // The operator's replay is what this test exercises, so the serve process must not heal
-    // Redis by itself.
-    args.auto_replay = false;
+    args.auto_replay = auto_replay;
     start(args).await
+}
+
+/// Increments `name` by `by` and waits until PostgreSQL has it and a Redis read shows `expected`.
+async fn increment_until_aggregated(app: &TestApp, name: &str, by: i64, expected: i64) {
+    assert_eq!(app.increment(name, by).await.status(), 202);
+    wait_until(
+        Duration::from_secs(30),
+        &format!("{name} is {expected} in postgres and in redis"),
+        || async {
+            app.postgres_totals().await.get(name) == Some(&expected) && {
+                let read = app.read(name, true).await;
+                read["source"] == "redis" && read["value"] == expected
+            }
+        },
+    )
+    .await;
+}
+
+/// Reads `name` for `duration`: no read may show anything but `truth` unless it is flagged
+/// stale, and a stale read never shows less than PostgreSQL's total. Returns how many reads were
+/// stale and how many came from Redis.
+async fn watch_reads(app: &TestApp, name: &str, truth: i64, duration: Duration) -> (usize, usize) {
+    let (mut stale, mut from_redis) = (0, 0);
+    let deadline = std::time::Instant::now() + duration;
+    while std::time::Instant::now() < deadline {
+        let read = app.read(name, true).await;
+        if read["stale"] == true {
+            assert_eq!(read["value"], truth, "a stale read still shows postgres's total: {read}");
+            stale += 1;
+        } else {
+            assert_eq!(
+                read["value"], truth,
+                "a read not flagged stale shows an old or made-up value: {read}"
+            );
+            from_redis += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (stale, from_redis)
+}
+
+/// Redis with RDB persistence, restarted from a snapshot taken before the last increments were
+/// aggregated: what it loads looks valid, but is older than PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_from_an_older_snapshot_never_shows_old_values_as_fresh() {
+    let mut redis = OwnRedis::start_persistent();
+    let app = spawn_app_healing(redis.url(), true).await;
+    increment_until_aggregated(&app, "snapshot", 10, 10).await;
+    let _: String = redis_command(&redis.url(), &redis::cmd("SAVE")).await;
+    increment_until_aggregated(&app, "snapshot", 5, 15).await;
+    redis.restart_from_snapshot();
+    let (stale, from_redis) = watch_reads(&app, "snapshot", 15, Duration::from_secs(8)).await;
+    wait_until(
+        Duration::from_secs(30),
+        "redis serves the exact value again",
+        || async {
+            let read = app.read("snapshot", true).await;
+            read["source"] == "redis" && read["value"] == 15
+        },
+    )
+    .await;
+    println!("after the restart from the snapshot: {stale} stale reads, {from_redis} from redis");
+}
+
+/// A counter whose Redis keys were evicted (as `maxmemory` with an LRU policy does to a cache)
+/// is never read as 0: Tally notices, answers from PostgreSQL, and heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_counter_whose_keys_were_evicted_never_reads_zero_as_fresh() {
+    let redis = OwnRedis::start();
+    let app = spawn_app_healing(redis.url(), true).await;
+    increment_until_aggregated(&app, "evicted", 7, 7).await;
+    let evicted = evict_keys_mentioning(&redis.url(), "evicted").await;
+    assert!(evicted > 0, "some key should hold the counter");
+    let (stale, from_redis) = watch_reads(&app, "evicted", 7, Duration::from_secs(8)).await;
+    wait_until(
+        Duration::from_secs(30),
+        "redis serves the exact value again",
+        || async {
+            let read = app.read("evicted", true).await;
+            read["source"] == "redis" && read["value"] == 7
+        },
+    )
+    .await;
+    println!("after evicting {evicted} keys: {stale} stale reads, {from_redis} from redis");
+}
+
+/// Deletes every key whose name mentions `name`, and every hash with a field that does: what
+/// an LRU eviction of the counter's keys does, whatever the key layout.
+async fn evict_keys_mentioning(url: &str, name: &str) -> usize {
+    let keys: Vec<String> = redis_command(url, redis::cmd("KEYS").arg("*")).await;
+    let mut evicted = 0;
+    for key in keys {
+        let kind: String = redis_command(url, redis::cmd("TYPE").arg(&key)).await;
+        let mentions = key.contains(name)
+            || (kind == "hash" && {
+                let fields: Vec<String> = redis_command(url, redis::cmd("HKEYS").arg(&key)).await;
+                fields.iter().any(|field| field.contains(name))
+            });
+        if mentions {
+            let _: i64 = redis_command(url, redis::cmd("DEL").arg(&key)).await;
+            evicted += 1;
+        }
+    }
+    evicted
 }
 
 struct LoadOutcome {

@@ -236,6 +236,8 @@ where
 /// touching other tests. Stopped by pid when dropped.
 pub struct OwnRedis {
     pub port: u16,
+    /// Where a persistent server keeps its `dump.rdb`; `None` for a server that keeps nothing.
+    data_dir: Option<std::path::PathBuf>,
     child: Option<std::process::Child>,
 }
 
@@ -246,8 +248,24 @@ impl OwnRedis {
             .local_addr()
             .unwrap()
             .port();
-        let mut redis = Self { port, child: None };
+        let mut redis = Self {
+            port,
+            data_dir: None,
+            child: None,
+        };
         redis.restart_empty();
+        redis
+    }
+
+    /// A server that writes `dump.rdb` when told to (`SAVE`) and loads it when it starts, as a
+    /// Redis with RDB persistence does; it never saves by itself.
+    pub fn start_persistent() -> Self {
+        let mut redis = Self::start();
+        redis.stop();
+        let data_dir = std::env::temp_dir().join(format!("tally-test-redis-{}", redis.port));
+        std::fs::create_dir_all(&data_dir).unwrap();
+        redis.data_dir = Some(data_dir);
+        redis.spawn();
         redis
     }
 
@@ -258,9 +276,30 @@ impl OwnRedis {
     /// Kills the server (if running) and starts an empty one on the same port.
     pub fn restart_empty(&mut self) {
         self.stop();
-        let child = std::process::Command::new("redis-server")
+        if let Some(data_dir) = &self.data_dir {
+            let _ = std::fs::remove_file(data_dir.join("dump.rdb"));
+        }
+        self.spawn();
+    }
+
+    /// Kills the server without saving (as `SHUTDOWN NOSAVE` or a crash would) and starts it
+    /// again from its last `dump.rdb`: every write since that snapshot is gone, and what the
+    /// snapshot held looks as valid as ever.
+    pub fn restart_from_snapshot(&mut self) {
+        assert!(self.data_dir.is_some(), "only a persistent server has a snapshot");
+        self.stop();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let mut command = std::process::Command::new("redis-server");
+        command
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"]);
+        if let Some(data_dir) = &self.data_dir {
+            command.arg("--dir").arg(data_dir);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -284,5 +323,15 @@ impl OwnRedis {
 impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.stop();
+        if let Some(data_dir) = &self.data_dir {
+            let _ = std::fs::remove_dir_all(data_dir);
+        }
     }
+}
+
+/// Runs one Redis command on a connection of its own.
+pub async fn redis_command<T: redis::FromRedisValue>(url: &str, command: &redis::Cmd) -> T {
+    let client = redis::Client::open(url).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    command.query_async(&mut connection).await.unwrap()
 }
