@@ -2,6 +2,8 @@
 //! rebalance callback runs inside poll: keeping both on one thread means the pending window is
 //! never touched by two threads at once.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,40 +13,44 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
-use tally_core::{CounterName, IncrementRecord, KeySpace, WindowSpec};
+use tally_core::{CounterName, IncrementRecord, WindowSpec};
 use tally_infra::clock::now_ms;
-use tally_infra::summaries::{self, CounterSummaryRow};
+use tally_mirror::{
+    BUCKETS, CommitToMirror, CommittedCounter, Mirror, PartitionMark, RepairPolicy,
+    SUMMARY_WINDOW_MARGIN,
+};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::commit::{self, CommitOutcome, OffsetRows};
+use crate::commit::{self, CommitOutcome};
 use crate::metrics;
-use crate::pending::{PendingWindow, RecordIncrement};
-
-/// How many windows before the oldest closed one a summary keeps its window sums for. Readers
-/// only need the windows after the closed one; the margin covers readers whose view of the
-/// closed window is a little old.
-const SUMMARY_WINDOW_MARGIN: i64 = 12;
+use crate::pending::{PendingWindow, RecordIncrement, StoredPartition};
 
 /// Everything the consumer thread and its rebalance callback share.
 pub(crate) struct Shared {
     pub(crate) runtime: Handle,
     pub(crate) pool: PgPool,
     pub(crate) redis: ConnectionManager,
-    pub(crate) keys: KeySpace,
+    pub(crate) mirror: Mirror,
     pub(crate) group: String,
     pub(crate) topic: String,
     pub(crate) window: WindowSpec,
     pub(crate) delta_ttl_ms: i64,
     pub(crate) idempotency_window_secs: u64,
+    /// Repair buckets of the mirror that lost data (else they wait for `tally replay`).
+    pub(crate) auto_repair: bool,
+    /// Pause consuming once this many rows wait for a commit (PostgreSQL is down or slow).
+    pub(crate) max_pending_rows: usize,
     pub(crate) cancel: CancellationToken,
     /// std Mutex, not tokio's: it is only ever locked on the consumer thread, never across an
     /// await.
     pub(crate) pending: Mutex<PendingWindow>,
     /// Set by an assignment: commit (and publish closed windows) on the next loop rather than
     /// a whole window later, so reads can use Redis right after a start or a rebalance.
-    pub(crate) flush_soon: std::sync::atomic::AtomicBool,
+    pub(crate) flush_soon: AtomicBool,
+    /// Consumption is paused because too many rows wait for a commit.
+    pub(crate) paused_for_memory: AtomicBool,
 }
 
 pub(crate) struct AggregatorContext {
@@ -68,6 +74,7 @@ impl ConsumerContext for AggregatorContext {
                 warn!(error = ?err, "kafka rebalance failed; dropping the assignment");
             }
             lock(&shared.pending).revoke_all();
+            shared.paused_for_memory.store(false, Ordering::Relaxed);
             if let Err(error) = consumer.unassign() {
                 warn!(%error, "failed to unassign partitions");
             }
@@ -79,42 +86,41 @@ impl ConsumerContext for AggregatorContext {
             .iter()
             .map(|element| element.partition())
             .collect();
-        let Some(stored) = load_offsets_until_available(shared, &assigned) else {
+        let Some(stored) = load_partitions_until_available(shared, &assigned) else {
             return;
         };
         let mut pending = lock(&shared.pending);
         pending.revoke_all();
         for partition in &assigned {
-            let (next_offset, closed) = stored.get(partition).copied().unwrap_or((0, None));
-            pending.assign(*partition, next_offset, closed);
+            let stored = stored.get(partition).copied().unwrap_or_default();
+            pending.assign(*partition, stored);
             if let Err(error) = partitions.set_partition_offset(
                 &shared.topic,
                 *partition,
-                Offset::Offset(next_offset),
+                Offset::Offset(stored.next_offset),
             ) {
                 error!(%error, kafka.partition = partition, "failed to set a start offset");
             }
         }
         drop(pending);
+        shared.paused_for_memory.store(false, Ordering::Relaxed);
         if let Err(error) = consumer.assign(partitions) {
             error!(%error, "failed to assign partitions");
             return;
         }
-        shared
-            .flush_soon
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        shared.flush_soon.store(true, Ordering::Relaxed);
         info!(kafka.partitions = ?assigned, "partitions assigned from the offsets in postgres");
     }
 }
 
 /// Reads the stored offsets, waiting out a PostgreSQL outage: consuming without them could
 /// count records twice. Returns None when the aggregator is shutting down.
-fn load_offsets_until_available(
+fn load_partitions_until_available(
     shared: &Shared,
     partitions: &[i32],
-) -> Option<std::collections::BTreeMap<i32, (i64, Option<i64>)>> {
+) -> Option<BTreeMap<i32, StoredPartition>> {
     loop {
-        let loaded = shared.runtime.block_on(commit::load_offsets(
+        let loaded = shared.runtime.block_on(commit::load_partitions(
             &shared.pool,
             &shared.group,
             &shared.topic,
@@ -151,9 +157,8 @@ pub(crate) fn run_blocking(consumer: BaseConsumer<AggregatorContext>, partition_
             Some(Err(error)) => warn!(%error, "kafka consumer error"),
             None => {}
         }
-        let assigned_just_now = shared
-            .flush_soon
-            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        pause_when_too_much_is_pending(&consumer, &shared);
+        let assigned_just_now = shared.flush_soon.swap(false, Ordering::Relaxed);
         if assigned_just_now || Instant::now() >= next_flush {
             flush(&consumer, &shared, partition_count);
             next_flush = Instant::now() + window_length;
@@ -161,6 +166,50 @@ pub(crate) fn run_blocking(consumer: BaseConsumer<AggregatorContext>, partition_
     }
     flush(&consumer, &shared, partition_count);
     info!("aggregator stopped");
+}
+
+/// While commits fail (PostgreSQL is down), what was read piles up in memory: past the limit,
+/// stop fetching until a commit goes through. Nothing is lost; the records wait in Kafka.
+fn pause_when_too_much_is_pending(consumer: &BaseConsumer<AggregatorContext>, shared: &Shared) {
+    if shared.paused_for_memory.load(Ordering::Relaxed) {
+        return;
+    }
+    let pending_rows = lock(&shared.pending).pending_rows();
+    if pending_rows < shared.max_pending_rows {
+        return;
+    }
+    match consumer.assignment() {
+        Ok(assignment) => match consumer.pause(&assignment) {
+            Ok(()) => {
+                shared.paused_for_memory.store(true, Ordering::Relaxed);
+                metrics::CONSUMPTION_PAUSED.set(1);
+                warn!(
+                    pending.rows = pending_rows,
+                    "too much read and not committed; pausing consumption until a commit succeeds"
+                );
+            }
+            Err(error) => warn!(%error, "failed to pause consumption"),
+        },
+        Err(error) => warn!(%error, "failed to read the assignment"),
+    }
+}
+
+/// Resumes what [`pause_when_too_much_is_pending`] paused, except partitions refused for a gap.
+fn resume_after_commit(consumer: &BaseConsumer<AggregatorContext>, shared: &Shared) {
+    if !shared.paused_for_memory.swap(false, Ordering::Relaxed) {
+        return;
+    }
+    metrics::CONSUMPTION_PAUSED.set(0);
+    let mut resumable = TopicPartitionList::new();
+    for (partition, progress) in &lock(&shared.pending).partitions {
+        if !progress.refused_for_gap {
+            resumable.add_partition(&shared.topic, *partition);
+        }
+    }
+    match consumer.resume(&resumable) {
+        Ok(()) => info!("a commit went through; consumption resumed"),
+        Err(error) => warn!(%error, "failed to resume consumption"),
+    }
 }
 
 fn add_message(shared: &Shared, message: &BorrowedMessage<'_>) {
@@ -191,28 +240,21 @@ fn decode(message: &BorrowedMessage<'_>) -> Option<RecordIncrement> {
     })
 }
 
-/// Commits what was read since the last flush, then brings Redis's copies up to date.
+/// Commits what was read since the last flush, then copies the commit into the mirror.
 fn flush(consumer: &BaseConsumer<AggregatorContext>, shared: &Shared, partition_count: usize) {
     let started = Instant::now();
-    advance_closed_windows(consumer, shared);
+    check_the_log(consumer, shared);
 
-    let (rows, offsets, records, duplicates_in_window) = {
+    let (rows, records, duplicates_in_window, conflicts_in_window) = {
         let pending = lock(&shared.pending);
         if pending.partitions.is_empty() {
             return;
         }
-        let mut offsets = OffsetRows::default();
-        for (partition, progress) in &pending.partitions {
-            offsets.partitions.push(*partition);
-            offsets.expected_offsets.push(progress.committed_offset);
-            offsets.next_offsets.push(progress.next_offset);
-            offsets.closed_windows_ms.push(progress.closed_window_ms);
-        }
         (
-            pending.commit_rows(),
-            offsets,
+            pending.commit_rows(now_ms()),
             pending.records,
             pending.duplicates_in_window,
+            pending.conflicts_in_window,
         )
     };
 
@@ -221,17 +263,10 @@ fn flush(consumer: &BaseConsumer<AggregatorContext>, shared: &Shared, partition_
         &shared.group,
         &shared.topic,
         &rows,
-        &offsets,
         shared.idempotency_window_secs,
     ));
-    let committed_summaries = match outcome {
-        Ok(CommitOutcome::Committed {
-            summaries,
-            duplicates_absorbed,
-        }) => {
-            metrics::DUPLICATES_ABSORBED.inc_by(duplicates_absorbed + duplicates_in_window);
-            summaries
-        }
+    let committed = match outcome {
+        Ok(CommitOutcome::Committed(committed)) => committed,
         Ok(CommitOutcome::Fenced(partitions)) => {
             metrics::FENCED_COMMITS.inc();
             warn!(kafka.partitions = ?partitions, "another aggregator moved the offsets; rereading from postgres");
@@ -242,57 +277,78 @@ fn flush(consumer: &BaseConsumer<AggregatorContext>, shared: &Shared, partition_
             // The window stays pending and is retried next time. If the commit did land after
             // all, the offset check fences the retry off, so nothing is counted twice.
             metrics::FAILED_COMMITS.inc();
-            error!(%error, batch.size = rows.names.len(), "failed to commit a window to postgres");
+            error!(%error, batch.size = rows.windows.len(), "failed to commit a window to postgres");
             return;
         }
     };
-    lock(&shared.pending).committed();
+    lock(&shared.pending).committed(rows.generation);
+    resume_after_commit(consumer, shared);
     metrics::WINDOW_FLUSH_SECONDS.observe(started.elapsed().as_secs_f64());
-    metrics::WINDOW_FLUSH_ROWS.observe(rows.names.len() as f64);
+    metrics::WINDOW_FLUSH_ROWS.observe(rows.windows.len() as f64);
     metrics::RECORDS_APPLIED.inc_by(records);
+    metrics::DUPLICATES_ABSORBED.inc_by(committed.duplicates_absorbed + duplicates_in_window);
+    let conflicts = committed.conflicts + conflicts_in_window;
+    if conflicts > 0 {
+        metrics::IDEMPOTENCY_CONFLICTS.inc_by(conflicts);
+        warn!(
+            idempotency.conflicts = conflicts,
+            "idempotency keys used for two different increments were both counted: both were acknowledged while redis could not claim the key"
+        );
+    }
     for name in &rows.clamped {
         metrics::CLAMPED_SUMS.inc();
         warn!(counter.name = %name, "a window sum did not fit in i64 and was clamped");
     }
-    for summary in &committed_summaries {
-        if summary.total == i64::MAX || summary.total == i64::MIN {
+    for counter in &committed.counters {
+        if counter.total == i64::MAX || counter.total == i64::MIN {
             metrics::CLAMPED_SUMS.inc();
-            warn!(counter.name = %summary.name, counter.value = summary.total, "a counter reached the i64 limit and is clamped there");
+            warn!(counter.name = %counter.name, counter.value = counter.total, "a counter reached the i64 limit and is clamped there");
         }
     }
-    shared
-        .runtime
-        .block_on(update_redis(shared, &committed_summaries, partition_count));
+    shared.runtime.block_on(update_mirror(
+        shared,
+        &committed.counters,
+        rows.generation,
+        partition_count,
+    ));
 }
 
-/// Works out, per partition, the latest window no increment can still arrive for.
-fn advance_closed_windows(consumer: &BaseConsumer<AggregatorContext>, shared: &Shared) {
-    let partitions: Vec<(i32, i64)> = lock(&shared.pending)
+/// Per partition, works out the latest window no increment can still arrive for, and refuses a
+/// partition whose log no longer holds the next record to read.
+fn check_the_log(consumer: &BaseConsumer<AggregatorContext>, shared: &Shared) {
+    let partitions: Vec<(i32, i64, bool)> = lock(&shared.pending)
         .partitions
         .iter()
-        .map(|(partition, progress)| (*partition, progress.next_offset))
+        .map(|(partition, progress)| (*partition, progress.next_offset, progress.refused_for_gap))
         .collect();
-    for (partition, next_offset) in partitions {
+    for (partition, next_offset, refused) in partitions {
         // Taken before the request, so every record appended before this moment is below the
         // high watermark the broker answers with.
         let asked_at_ms = now_ms();
-        let caught_up_at_ms =
+        let watermarks =
             match consumer.fetch_watermarks(&shared.topic, partition, Duration::from_secs(2)) {
-                Ok((_, high)) => {
-                    metrics::CONSUMER_LAG
-                        .with_label_values(&[&partition.to_string()])
-                        .set((high - next_offset).max(0));
-                    (next_offset >= high).then_some(asked_at_ms)
-                }
+                Ok(watermarks) => watermarks,
                 Err(error) => {
                     warn!(%error, kafka.partition = partition, "failed to fetch watermarks");
-                    None
+                    continue;
                 }
             };
+        let (low, high) = watermarks;
+        metrics::CONSUMER_LAG
+            .with_label_values(&[&partition.to_string()])
+            .set((high - next_offset).max(0));
+        if next_offset < low && !refused {
+            refuse_partition(consumer, shared, partition, next_offset, low);
+            continue;
+        }
+        let caught_up_at_ms = (next_offset >= high).then_some(asked_at_ms);
         let mut pending = lock(&shared.pending);
         let Some(progress) = pending.partitions.get_mut(&partition) else {
             continue;
         };
+        if progress.refused_for_gap {
+            continue;
+        }
         let horizon_ms = caught_up_at_ms.or(progress.last_append_ms);
         if let Some(horizon_ms) = horizon_ms {
             let closed = shared.window.last_closed_at(horizon_ms);
@@ -305,20 +361,51 @@ fn advance_closed_windows(consumer: &BaseConsumer<AggregatorContext>, shared: &S
     }
 }
 
+/// The records from `next_offset` up to the log's start are gone (retention deleted them before
+/// they were applied): applying what follows would count the partition without them and say
+/// nothing. Stop consuming the partition, loudly; its closed window stops, so reads of its
+/// counters fall back to PostgreSQL once their deltas expire.
+fn refuse_partition(
+    consumer: &BaseConsumer<AggregatorContext>,
+    shared: &Shared,
+    partition: i32,
+    next_offset: i64,
+    low: i64,
+) {
+    if let Some(progress) = lock(&shared.pending).partitions.get_mut(&partition) {
+        progress.refused_for_gap = true;
+    }
+    metrics::OFFSET_GAP_RECORDS
+        .with_label_values(&[&partition.to_string()])
+        .set(low - next_offset);
+    let mut paused = TopicPartitionList::new();
+    paused.add_partition(&shared.topic, partition);
+    if let Err(error) = consumer.pause(&paused) {
+        warn!(%error, kafka.partition = partition, "failed to pause a partition with a gap");
+    }
+    error!(
+        kafka.partition = partition,
+        kafka.next_offset = next_offset,
+        kafka.low_watermark = low,
+        records.missing = low - next_offset,
+        "the log no longer holds records this partition has not applied (retention deleted them); refusing to consume it: see docs/ARCHITECTURE.md, 'A gap in the log'"
+    );
+}
+
 fn reseek_from_postgres(consumer: &BaseConsumer<AggregatorContext>, shared: &Shared) {
     let assigned: Vec<i32> = lock(&shared.pending).partitions.keys().copied().collect();
-    let Some(stored) = load_offsets_until_available(shared, &assigned) else {
+    let Some(stored) = load_partitions_until_available(shared, &assigned) else {
         return;
     };
     let mut pending = lock(&shared.pending);
     pending.revoke_all();
     for partition in assigned {
-        let (next_offset, closed) = stored.get(&partition).copied().unwrap_or((0, None));
-        pending.assign(partition, next_offset, closed);
+        let stored = stored.get(&partition).copied().unwrap_or_default();
+        pending.assign(partition, stored);
         let seek = consumer.seek(
             &shared.topic,
             partition,
-            Offset::Offset(next_offset),
+            Offset::Offset(stored.next_offset),
             Duration::from_secs(5),
         );
         if let Err(error) = seek {
@@ -327,15 +414,28 @@ fn reseek_from_postgres(consumer: &BaseConsumer<AggregatorContext>, shared: &Sha
     }
 }
 
-/// Copies the commit into the Redis summaries and publishes the closed windows. A partition
-/// whose summaries may lag PostgreSQL is rewritten in full first, and its closed window is
-/// published only once that worked: readers trust a closed window to be in the summaries.
-async fn update_redis(shared: &Shared, committed: &[CounterSummaryRow], partition_count: usize) {
-    let mut redis = shared.redis.clone();
-    let (published_min, partitions_needing_repair) = {
+/// Copies a commit into the mirror. When every bucket took it, records it as mirrored in
+/// PostgreSQL and publishes the partitions' closed windows: readers trust a closed window to be
+/// in the summaries.
+async fn update_mirror(
+    shared: &Shared,
+    counters: &[CommittedCounter],
+    generation: i64,
+    partition_count: usize,
+) {
+    let (marks, published_min) = {
         let pending = lock(&shared.pending);
-        // Readers combine window sums with deltas for every window after the closed window they
-        // know of, which is the one published, not the one just computed: window sums may only
+        let marks: Vec<PartitionMark> = pending
+            .partitions
+            .iter()
+            .map(|(partition, progress)| PartitionMark {
+                partition: *partition,
+                known_generation: progress.known_generation,
+                mirrored_generation: progress.mirrored_generation,
+            })
+            .collect();
+        // Readers combine window records with deltas for every window after the closed window
+        // they know of, which is the one published, not the one just computed: records may only
         // be dropped well before the oldest published one. Unknown: keep them all.
         let published_min = pending
             .partitions
@@ -343,83 +443,73 @@ async fn update_redis(shared: &Shared, committed: &[CounterSummaryRow], partitio
             .map(|progress| progress.published_closed_ms)
             .collect::<Option<Vec<i64>>>()
             .and_then(|published| published.into_iter().min());
-        let repair: Vec<i32> = pending
-            .partitions
-            .iter()
-            .filter(|(_, progress)| progress.summaries_need_repair)
-            .map(|(partition, _)| *partition)
-            .collect();
-        (published_min, repair)
+        (marks, published_min)
     };
-    let oldest_needed_ms = published_min
-        .map(|closed| closed - SUMMARY_WINDOW_MARGIN * shared.window.length_ms)
+    let length = shared.window.length_ms;
+    let prune_before_ms = published_min
+        .map(|closed| closed - SUMMARY_WINDOW_MARGIN * length)
         .unwrap_or_else(|| now_ms() - shared.delta_ttl_ms);
-
-    let mut redis_ok = true;
-    match summaries::apply_commits(&mut redis, &shared.keys, committed, oldest_needed_ms).await {
-        Ok(gaps) if gaps.is_empty() => {}
-        Ok(gaps) => {
-            // These summaries missed a commit (Redis lost them, or a crash came between a commit
-            // and its Redis write): rewrite them in full from PostgreSQL.
-            let rewritten = async {
-                let full = summaries::load_by_names(&shared.pool, &gaps, oldest_needed_ms)
-                    .await
-                    .map_err(|error| error.to_string())?;
-                summaries::replace(&mut redis, &shared.keys, &full)
-                    .await
-                    .map_err(|error| error.to_string())
-            };
-            if let Err(error) = rewritten.await {
-                warn!(%error, "failed to rewrite summaries that missed a commit");
-                redis_ok = false;
-            }
-        }
-        Err(error) => {
-            warn!(%error, "failed to copy a commit into redis; will rewrite the summaries");
-            redis_ok = false;
+    let next_window_ms = shared.window.start_of(now_ms()) + length;
+    let never_mirrored = mirror_never_existed(shared, &marks).await;
+    let policy = RepairPolicy {
+        recreate_lost_buckets: shared.auto_repair,
+        // Nothing was ever mirrored, so no delta can have been lost before now.
+        new_bucket_valid_from_ms: if never_mirrored { 0 } else { next_window_ms },
+        rolled_back_valid_from_ms: next_window_ms,
+    };
+    let commit = CommitToMirror {
+        generation,
+        partitions: &marks,
+        counters,
+        prune_before_ms,
+    };
+    let owned: Vec<i32> = marks.iter().map(|mark| mark.partition).collect();
+    let mut redis = shared.redis.clone();
+    let report = shared
+        .mirror
+        .apply_commit(&mut redis, &shared.pool, &commit, &policy)
+        .await;
+    {
+        // Whatever happened, the buckets that missed this commit are found behind next time.
+        let mut pending = lock(&shared.pending);
+        for progress in pending.partitions.values_mut() {
+            progress.known_generation = generation;
         }
     }
-    if !redis_ok {
-        for progress in lock(&shared.pending).partitions.values_mut() {
-            progress.summaries_need_repair = true;
+    let report = match report {
+        Ok(report) => report,
+        Err(error) => {
+            metrics::MIRROR_FAILURES.inc();
+            warn!(%error, "failed to copy a commit into redis; the buckets that missed it are repaired with the next one");
+            return;
         }
+    };
+    metrics::record_mirror_report(&report);
+    if report.needed_repair() {
+        log_repair(&report, never_mirrored);
+    }
+    if !report.complete() {
         return;
     }
-
-    if !partitions_needing_repair.is_empty() {
-        let repaired = async {
-            let full = summaries::load_recent_in_partitions(
-                &shared.pool,
-                &partitions_needing_repair,
-                oldest_needed_ms,
-            )
-            .await
-            .map_err(|error| error.to_string())?;
-            summaries::replace(&mut redis, &shared.keys, &full)
-                .await
-                .map_err(|error| error.to_string())
-        };
-        match repaired.await {
-            Ok(written) => {
-                info!(kafka.partitions = ?partitions_needing_repair, summaries.written = written, "rewrote redis summaries from postgres");
-                let mut pending = lock(&shared.pending);
-                for partition in &partitions_needing_repair {
-                    if let Some(progress) = pending.partitions.get_mut(partition) {
-                        progress.summaries_need_repair = false;
-                    }
-                }
-            }
-            Err(error) => {
-                warn!(%error, "failed to rewrite redis summaries; will retry");
-                return;
+    match tally_mirror::store::record_mirrored(
+        &shared.pool,
+        &shared.group,
+        &shared.topic,
+        &owned,
+        generation,
+    )
+    .await
+    {
+        Ok(()) => {
+            for progress in lock(&shared.pending).partitions.values_mut() {
+                progress.mirrored_generation = progress.mirrored_generation.max(generation);
             }
         }
+        Err(error) => warn!(%error, "failed to record the mirrored generation in postgres"),
     }
-
     let closed: Vec<(i32, i64)> = lock(&shared.pending)
         .partitions
         .iter()
-        .filter(|(_, progress)| !progress.summaries_need_repair)
         .filter_map(|(partition, progress)| {
             progress.closed_window_ms.map(|closed| (*partition, closed))
         })
@@ -427,8 +517,13 @@ async fn update_redis(shared: &Shared, committed: &[CounterSummaryRow], partitio
     if closed.is_empty() {
         return;
     }
-    match summaries::publish_closed_windows(&mut redis, &shared.keys, partition_count, &closed)
-        .await
+    match tally_mirror::publish_closed_windows(
+        &mut redis,
+        shared.mirror.keys(),
+        partition_count,
+        &closed,
+    )
+    .await
     {
         Ok(()) => {
             let mut pending = lock(&shared.pending);
@@ -440,4 +535,56 @@ async fn update_redis(shared: &Shared, committed: &[CounterSummaryRow], partitio
         }
         Err(error) => warn!(%error, "failed to publish closed windows to redis"),
     }
+}
+
+/// Whether no partition of the topic was ever mirrored: the first start of a deployment.
+async fn mirror_never_existed(shared: &Shared, marks: &[PartitionMark]) -> bool {
+    if marks.iter().any(|mark| mark.mirrored_generation > 0) {
+        return false;
+    }
+    match tally_mirror::store::partition_generations(&shared.pool, &shared.group, &shared.topic)
+        .await
+    {
+        Ok(partitions) => partitions
+            .iter()
+            .all(|partition| partition.mirrored_generation == 0),
+        // Unknown: assume the mirror existed, which only delays trusting new buckets.
+        Err(_) => false,
+    }
+}
+
+fn log_repair(report: &tally_mirror::ApplyReport, never_mirrored: bool) {
+    if never_mirrored && report.buckets_lost == BUCKETS as usize {
+        info!(
+            mirror.buckets = report.buckets_lost,
+            "first start: created the redis mirror's buckets"
+        );
+        return;
+    }
+    let how = if report.buckets_lost == BUCKETS as usize {
+        "redis lost every bucket of the mirror"
+    } else if report.buckets_rolled_back > 0 {
+        "redis came back with older data in some buckets (a restart from a snapshot, or a failover that lost writes)"
+    } else if report.buckets_lost > 0 {
+        "redis lost some buckets (evicted, or emptied)"
+    } else {
+        "some buckets of the redis mirror missed commits"
+    };
+    if report.buckets_left > 0 {
+        warn!(
+            mirror.buckets_lost = report.buckets_lost,
+            "{how}; automatic replay is off, so reads of their counters come from postgres until `tally replay` runs"
+        );
+        return;
+    }
+    warn!(
+        mirror.buckets_lost = report.buckets_lost,
+        mirror.buckets_behind = report.buckets_behind,
+        mirror.buckets_rolled_back = report.buckets_rolled_back,
+        mirror.buckets_with_gaps = report.buckets_with_gaps,
+        mirror.buckets_repaired = report.repair.buckets_repaired,
+        mirror.buckets_failed = report.buckets_failed,
+        mirror.counters_rewritten = report.repair.summaries_written,
+        "{how}; repaired them from postgres"
+    );
 }

@@ -8,17 +8,17 @@
 //! Offsets live only in PostgreSQL, next to the counts, so a crash anywhere either commits both
 //! or neither; after a restart or a rebalance, consumption resumes from the stored offsets.
 //!
-//! After each commit the aggregator copies the touched counters' summaries into Redis and
-//! publishes which windows are closed, so reads can combine PostgreSQL's totals with the open
-//! windows' Redis deltas (see `tally_core::value`).
+//! After each commit the aggregator copies it into the Redis mirror, repairs the buckets of the
+//! mirror that lost data, and publishes which windows are closed (see `tally-mirror`), so reads
+//! can combine PostgreSQL's totals with the open windows' Redis deltas.
 //!
 //! ## Layout
 //! - [`consumer`]: the consumer thread, its rebalance callback and the flush;
 //! - [`commit`]: the PostgreSQL transaction;
 //! - [`pending`]: the window being read, as plain data.
 //!
-//! The aggregator must never commit offsets to Kafka, and never write a summary to Redis that
-//! PostgreSQL does not hold.
+//! The aggregator must never commit offsets to Kafka, never write a summary to Redis that
+//! PostgreSQL does not hold, and never consume past a gap in the log.
 
 mod commit;
 mod consumer;
@@ -34,6 +34,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tally_infra::config::{AggregatorConfig, PipelineConfig, StoreConfig};
+use tally_mirror::{KeySpace, Mirror};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -46,27 +47,37 @@ pub struct Aggregator {
 }
 
 impl Aggregator {
+    /// `auto_repair`: repair the buckets of the Redis mirror that lost data by itself, rather
+    /// than leave them for `tally replay`.
     pub fn build(
         store: &StoreConfig,
         pipeline: &PipelineConfig,
         config: &AggregatorConfig,
         pool: PgPool,
         redis: ConnectionManager,
+        auto_repair: bool,
         cancel: CancellationToken,
     ) -> anyhow::Result<Self> {
         let shared = Arc::new(Shared {
             runtime: tokio::runtime::Handle::current(),
             pool,
             redis,
-            keys: store.key_space(),
+            mirror: Mirror::new(
+                KeySpace::new(store.redis_prefix.clone()),
+                pipeline.window_spec(),
+                pipeline.delta_ttl_ms(),
+            ),
             group: config.aggregator_group.clone(),
             topic: store.kafka_topic.clone(),
             window: pipeline.window_spec(),
-            delta_ttl_ms: (pipeline.delta_ttl_secs * 1_000) as i64,
+            delta_ttl_ms: pipeline.delta_ttl_ms(),
             idempotency_window_secs: pipeline.idempotency_window_secs,
+            auto_repair,
+            max_pending_rows: config.aggregator_max_pending,
             cancel,
             pending: Mutex::new(PendingWindow::default()),
             flush_soon: std::sync::atomic::AtomicBool::new(false),
+            paused_for_memory: std::sync::atomic::AtomicBool::new(false),
         });
         let consumer: BaseConsumer<AggregatorContext> = ClientConfig::new()
             .set("bootstrap.servers", &store.kafka_brokers)
@@ -74,7 +85,10 @@ impl Aggregator {
             // Offsets are stored in PostgreSQL with the counts, never in Kafka.
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
+            // Every assignment seeks to the offset stored in PostgreSQL. Should retention have
+            // deleted it, resetting to the log's start would skip records without a word: this
+            // makes librdkafka report it instead, and the aggregator refuses the partition.
+            .set("auto.offset.reset", "error")
             // A killed aggregator's partitions move to a live one within seconds.
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")

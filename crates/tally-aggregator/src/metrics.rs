@@ -3,8 +3,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Histogram, IntCounter, IntGaugeVec, register_histogram, register_int_counter,
-    register_int_gauge_vec,
+    Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, register_histogram,
+    register_int_counter, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
 };
 
 pub(crate) static WINDOW_FLUSH_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
@@ -90,3 +90,63 @@ pub(crate) static CONSUMER_LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
     .expect("the metric should register once")
 });
+
+pub(crate) static IDEMPOTENCY_CONFLICTS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tally_idempotency_conflicts_total",
+        "Keyed increments counted although their key was used for another counter or amount: both uses were acknowledged while Redis could not claim the key"
+    )
+    .expect("the metric should register once")
+});
+
+pub(crate) static CONSUMPTION_PAUSED: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "tally_aggregator_consumption_paused",
+        "1 while the aggregator holds too much uncommitted data and has stopped consuming"
+    )
+    .expect("the metric should register once")
+});
+
+pub(crate) static OFFSET_GAP_RECORDS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "tally_aggregator_offset_gap_records",
+        "Records of the partition that retention deleted before they were applied; the partition is not consumed while this is above 0",
+        &["partition"]
+    )
+    .expect("the metric should register once")
+});
+
+pub(crate) static MIRROR_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tally_mirror_copy_failures_total",
+        "Commits that could not be copied into Redis; the next commit repairs what they missed"
+    )
+    .expect("the metric should register once")
+});
+
+pub(crate) static MIRROR_BUCKETS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tally_mirror_buckets_total",
+        "Buckets of the Redis mirror found by the aggregator's commits, by state: lost, behind, rolled_back, gaps, repaired, failed, left",
+        &["state"]
+    )
+    .expect("the metric should register once")
+});
+
+pub(crate) fn record_mirror_report(report: &tally_mirror::ApplyReport) {
+    for (state, count) in [
+        ("lost", report.buckets_lost),
+        ("behind", report.buckets_behind),
+        ("rolled_back", report.buckets_rolled_back),
+        ("gaps", report.buckets_with_gaps),
+        ("repaired", report.repair.buckets_repaired),
+        ("failed", report.buckets_failed),
+        ("left", report.buckets_left),
+    ] {
+        if count > 0 {
+            MIRROR_BUCKETS
+                .with_label_values(&[state])
+                .inc_by(count as u64);
+        }
+    }
+}

@@ -1,7 +1,8 @@
 //! What the aggregator has consumed but not yet committed: per partition, the offsets it has
-//! read; per `(counter, window)`, the sum of the increments. Pure bookkeeping, no I/O.
+//! read and where its commits stand; per `(counter, window)`, the sums of the records. Pure
+//! bookkeeping, no I/O.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tally_core::{KeyedIncrement, clamp_to_i64};
 
@@ -18,27 +19,51 @@ pub(crate) struct PartitionProgress {
     /// The latest closed window this aggregator knows of for the partition.
     pub(crate) closed_window_ms: Option<i64>,
     /// The closed window this aggregator last published to Redis for the partition: what
-    /// readers may be using. Window sums after it must stay in the summaries.
+    /// readers may be using. Window records after it must stay in the summaries.
     pub(crate) published_closed_ms: Option<i64>,
-    /// Redis summaries may lag PostgreSQL for this partition until they are rewritten.
-    pub(crate) summaries_need_repair: bool,
+    /// The generation of the partition's latest commit to PostgreSQL.
+    pub(crate) generation: i64,
+    /// The generation every bucket of the mirror is known to hold for the partition: the last
+    /// commit this aggregator copied everywhere, or, right after the assignment, the partition's
+    /// latest commit (the previous owner may have died before copying it, and the buckets that
+    /// miss it are then found behind and repaired).
+    pub(crate) known_generation: i64,
+    /// What PostgreSQL records as mirrored for the partition.
+    pub(crate) mirrored_generation: i64,
+    /// The log no longer holds the records from `committed_offset` on (retention deleted them):
+    /// consuming would skip them silently, so the partition is not consumed.
+    pub(crate) refused_for_gap: bool,
 }
 
-/// A sum of increments of one counter in one window.
+/// Where a partition's commits stood in PostgreSQL when it was assigned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct StoredPartition {
+    pub(crate) next_offset: i64,
+    pub(crate) closed_window_ms: Option<i64>,
+    pub(crate) generation: i64,
+    pub(crate) mirrored_generation: i64,
+}
+
+/// The records read for one counter in one window.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct WindowSum {
+    /// What counts: the records' `by`, less the retries dropped here.
     pub(crate) sum: i128,
-    /// Retries dropped in this window: not counted, but maybe in the window's Redis deltas.
-    pub(crate) dropped: i128,
+    /// The records' `by`, dropped retries included, split by the sign of each record: what the
+    /// ingest added to the window's positive and negative deltas.
+    pub(crate) positive: i128,
+    pub(crate) negative: i128,
     pub(crate) partition: i32,
 }
 
-/// The first increment read in this window for an idempotency key.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct KeyedRow {
-    pub(crate) name: String,
-    pub(crate) window_start_ms: i64,
+/// One use of an idempotency key: a retry is the same use again.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct KeyUseRow {
+    pub(crate) key: String,
+    pub(crate) counter: String,
     pub(crate) by: i64,
+    /// The window of the first record read with this use.
+    pub(crate) window_start_ms: i64,
 }
 
 /// One record's increments, decoded.
@@ -54,42 +79,69 @@ pub(crate) struct RecordIncrement {
 pub(crate) struct PendingWindow {
     pub(crate) partitions: BTreeMap<i32, PartitionProgress>,
     pub(crate) sums: HashMap<(String, i64), WindowSum>,
-    /// Keyed increments read in this window, by key. A key seen twice in one window counts
-    /// once here; keys applied in earlier windows are dropped by the commit.
-    pub(crate) keyed: HashMap<String, KeyedRow>,
+    /// The key uses read since the last commit, each once, in the order read.
+    key_uses: Vec<KeyUseRow>,
+    /// (key, counter, by) of `key_uses`, to find a retry read since the last commit.
+    seen_uses: HashSet<(String, String, i64)>,
+    /// The counter and amount each key was first read with since the last commit.
+    first_use_of_key: HashMap<String, (String, i64)>,
     pub(crate) records: u64,
+    /// Retries of a use read earlier since the last commit: dropped.
     pub(crate) duplicates_in_window: u64,
+    /// Uses of a key read earlier since the last commit with another counter or amount: both
+    /// were acknowledged (Redis could not claim the key), so both count.
+    pub(crate) conflicts_in_window: u64,
 }
 
-/// The rows of one commit: sums clamped into `i64`, in a stable order.
+/// One `(counter, window)` row of a commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct WindowRow {
+    pub(crate) name: String,
+    pub(crate) window_start_ms: i64,
+    pub(crate) sum: i64,
+    pub(crate) positive: i64,
+    pub(crate) negative: i64,
+    pub(crate) partition: i32,
+}
+
+/// One partition's move in a commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct OffsetRow {
+    pub(crate) partition: i32,
+    /// What PostgreSQL must still hold for the commit to go ahead.
+    pub(crate) expected_offset: i64,
+    pub(crate) next_offset: i64,
+    pub(crate) closed_window_ms: Option<i64>,
+}
+
+/// Everything one commit writes.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct CommitRows {
-    pub(crate) names: Vec<String>,
-    pub(crate) window_starts_ms: Vec<i64>,
-    pub(crate) sums: Vec<i64>,
-    /// Per row: retries dropped within this window (see `WindowSum::dropped`).
-    pub(crate) dropped: Vec<i64>,
-    pub(crate) partitions: Vec<i32>,
+    /// In a stable order, so concurrent upserts lock rows in the same order.
+    pub(crate) windows: Vec<WindowRow>,
+    pub(crate) key_uses: Vec<KeyUseRow>,
+    pub(crate) offsets: Vec<OffsetRow>,
     /// Counters whose window sum did not fit in `i64` and was clamped.
     pub(crate) clamped: Vec<String>,
-    pub(crate) keys: Vec<String>,
-    pub(crate) key_names: Vec<String>,
-    pub(crate) key_window_starts_ms: Vec<i64>,
-    pub(crate) key_amounts: Vec<i64>,
+    /// The commit's generation: above every earlier commit of its partitions.
+    pub(crate) generation: i64,
 }
 
 impl PendingWindow {
-    /// Starts tracking a partition from the offset PostgreSQL holds for it.
-    pub(crate) fn assign(&mut self, partition: i32, committed_offset: i64, closed: Option<i64>) {
+    /// Starts tracking a partition from where PostgreSQL holds it.
+    pub(crate) fn assign(&mut self, partition: i32, stored: StoredPartition) {
         self.partitions.insert(
             partition,
             PartitionProgress {
-                committed_offset,
-                next_offset: committed_offset,
+                committed_offset: stored.next_offset,
+                next_offset: stored.next_offset,
                 last_append_ms: None,
-                closed_window_ms: closed,
+                closed_window_ms: stored.closed_window_ms,
                 published_closed_ms: None,
-                summaries_need_repair: true,
+                generation: stored.generation,
+                known_generation: stored.generation,
+                mirrored_generation: stored.mirrored_generation,
+                refused_for_gap: false,
             },
         );
     }
@@ -103,9 +155,12 @@ impl PendingWindow {
 
     fn clear_read(&mut self) {
         self.sums.clear();
-        self.keyed.clear();
+        self.key_uses.clear();
+        self.seen_uses.clear();
+        self.first_use_of_key.clear();
         self.records = 0;
         self.duplicates_in_window = 0;
+        self.conflicts_in_window = 0;
     }
 
     /// Adds one record. Records of partitions not assigned here are ignored: they belong to
@@ -120,6 +175,10 @@ impl PendingWindow {
         let Some(progress) = self.partitions.get_mut(&partition) else {
             return false;
         };
+        if progress.refused_for_gap {
+            // Fetched before the partition was paused: consuming past a gap is what is refused.
+            return false;
+        }
         if offset < progress.next_offset {
             // Already counted: a re-delivery after a seek.
             return false;
@@ -129,39 +188,55 @@ impl PendingWindow {
             progress.last_append_ms = append_ms;
         }
         if let Some(increment) = increment {
-            let mut by = increment.by as i128;
-            let mut dropped = 0;
+            let mut counted = increment.by as i128;
             for keyed in increment.keyed {
-                if self.keyed.contains_key(&keyed.key) {
-                    // A retry read in the same window as the original: count the original only.
-                    by -= keyed.by as i128;
-                    dropped += keyed.by as i128;
+                let identity = (keyed.key.clone(), increment.name.clone(), keyed.by);
+                if self.seen_uses.contains(&identity) {
+                    // A retry read since the last commit: count the first copy only.
+                    counted -= keyed.by as i128;
                     self.duplicates_in_window += 1;
                     continue;
                 }
-                let row = KeyedRow {
-                    name: increment.name.clone(),
-                    window_start_ms: increment.window_start_ms,
+                match self.first_use_of_key.get(&keyed.key) {
+                    Some(_) => self.conflicts_in_window += 1,
+                    None => {
+                        self.first_use_of_key
+                            .insert(keyed.key.clone(), (increment.name.clone(), keyed.by));
+                    }
+                }
+                self.seen_uses.insert(identity);
+                self.key_uses.push(KeyUseRow {
+                    key: keyed.key,
+                    counter: increment.name.clone(),
                     by: keyed.by,
-                };
-                self.keyed.insert(keyed.key, row);
+                    window_start_ms: increment.window_start_ms,
+                });
             }
             let entry = self
                 .sums
                 .entry((increment.name, increment.window_start_ms))
                 .or_default();
-            entry.sum += by;
-            entry.dropped += dropped;
+            entry.sum += counted;
+            if increment.by > 0 {
+                entry.positive += increment.by as i128;
+            } else {
+                entry.negative += increment.by as i128;
+            }
             entry.partition = partition;
         }
         self.records += 1;
         true
     }
 
-    /// The rows of the next commit.
-    pub(crate) fn commit_rows(&self) -> CommitRows {
+    /// `(counter, window)` rows read since the last commit: what bounds the memory.
+    pub(crate) fn pending_rows(&self) -> usize {
+        self.sums.len() + self.key_uses.len()
+    }
+
+    /// The rows of the next commit, at a generation above every earlier commit of the
+    /// partitions (and at least `now_ms`, so generations also order commits in time).
+    pub(crate) fn commit_rows(&self, now_ms: i64) -> CommitRows {
         let mut keys: Vec<&(String, i64)> = self.sums.keys().collect();
-        // A stable order makes concurrent upserts lock rows in the same order.
         keys.sort();
         let mut rows = CommitRows::default();
         for key in keys {
@@ -171,28 +246,41 @@ impl PendingWindow {
             if clamped {
                 rows.clamped.push(key.0.clone());
             }
-            rows.names.push(key.0.clone());
-            rows.window_starts_ms.push(key.1);
-            rows.sums.push(sum);
-            rows.dropped.push(clamp_to_i64(window_sum.dropped).0);
-            rows.partitions.push(window_sum.partition);
+            rows.windows.push(WindowRow {
+                name: key.0.clone(),
+                window_start_ms: key.1,
+                sum,
+                positive: clamp_to_i64(window_sum.positive).0,
+                negative: clamp_to_i64(window_sum.negative).0,
+                partition: window_sum.partition,
+            });
         }
-        let mut keys: Vec<&String> = self.keyed.keys().collect();
-        keys.sort();
-        for key in keys {
-            let row = &self.keyed[key];
-            rows.keys.push(key.clone());
-            rows.key_names.push(row.name.clone());
-            rows.key_window_starts_ms.push(row.window_start_ms);
-            rows.key_amounts.push(row.by);
-        }
+        rows.key_uses = self.key_uses.clone();
+        rows.offsets = self
+            .partitions
+            .iter()
+            .map(|(partition, progress)| OffsetRow {
+                partition: *partition,
+                expected_offset: progress.committed_offset,
+                next_offset: progress.next_offset,
+                closed_window_ms: progress.closed_window_ms,
+            })
+            .collect();
+        let latest = self
+            .partitions
+            .values()
+            .map(|progress| progress.generation)
+            .max()
+            .unwrap_or(0);
+        rows.generation = now_ms.max(latest + 1);
         rows
     }
 
-    /// After a commit: what was read is now what PostgreSQL holds.
-    pub(crate) fn committed(&mut self) {
+    /// After a commit: what was read is now what PostgreSQL holds, at `generation`.
+    pub(crate) fn committed(&mut self, generation: i64) {
         for progress in self.partitions.values_mut() {
             progress.committed_offset = progress.next_offset;
+            progress.generation = generation;
         }
         self.clear_read();
     }
@@ -211,40 +299,78 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_key_read_twice_in_one_window_counts_once() {
+    fn keyed(name: &str, key: &str, by: i64, unkeyed: i64) -> Option<RecordIncrement> {
+        Some(RecordIncrement {
+            name: name.into(),
+            window_start_ms: 0,
+            by: by + unkeyed,
+            keyed: vec![KeyedIncrement {
+                key: key.into(),
+                by,
+            }],
+        })
+    }
+
+    fn assigned() -> PendingWindow {
         let mut pending = PendingWindow::default();
-        pending.assign(0, 0, None);
-        let keyed = |by| {
-            Some(RecordIncrement {
-                name: "a".into(),
-                window_start_ms: 0,
-                by: by + 10,
-                keyed: vec![KeyedIncrement {
-                    key: "k".into(),
-                    by,
-                }],
-            })
-        };
+        pending.assign(0, StoredPartition::default());
+        pending
+    }
+
+    #[test]
+    fn a_retry_read_twice_counts_once_but_stays_in_the_records() {
+        let mut pending = assigned();
         // Each record carries the keyed 5 plus 10 without a key.
-        pending.add(0, 0, None, keyed(5));
-        pending.add(0, 1, None, keyed(5));
-        let rows = pending.commit_rows();
-        assert_eq!(rows.sums, vec![25]);
+        pending.add(0, 0, None, keyed("a", "k", 5, 10));
+        pending.add(0, 1, None, keyed("a", "k", 5, 10));
+        let rows = pending.commit_rows(0);
+        assert_eq!(rows.windows[0].sum, 25);
         assert_eq!(
-            rows.dropped,
-            vec![5],
-            "the dropped retry is reported for the window"
+            rows.windows[0].positive, 30,
+            "the ingest added both records to the deltas"
         );
-        assert_eq!(rows.keys, vec!["k"]);
-        assert_eq!(rows.key_amounts, vec![5]);
+        assert_eq!(rows.key_uses.len(), 1);
         assert_eq!(pending.duplicates_in_window, 1);
+    }
+
+    #[test]
+    fn two_different_uses_of_one_key_both_count() {
+        let mut pending = assigned();
+        pending.add(0, 0, None, keyed("a", "k", 1, 0));
+        pending.add(0, 1, None, keyed("b", "k", 1, 0));
+        pending.add(0, 2, None, keyed("a", "k", 2, 0));
+        let rows = pending.commit_rows(0);
+        let sums: Vec<(&str, i64)> = rows
+            .windows
+            .iter()
+            .map(|row| (row.name.as_str(), row.sum))
+            .collect();
+        assert_eq!(sums, vec![("a", 3), ("b", 1)]);
+        assert_eq!(rows.key_uses.len(), 3, "each use is claimed");
+        assert_eq!(pending.conflicts_in_window, 2);
+        assert_eq!(pending.duplicates_in_window, 0);
+    }
+
+    #[test]
+    fn records_split_by_sign() {
+        let mut pending = assigned();
+        pending.add(0, 0, None, plain("a", 0, 4));
+        pending.add(0, 1, None, plain("a", 0, -3));
+        pending.add(0, 2, None, plain("a", 0, 2));
+        let row = &pending.commit_rows(0).windows[0];
+        assert_eq!((row.sum, row.positive, row.negative), (3, 6, -3));
     }
 
     #[test]
     fn sums_per_counter_and_window_and_skips_redelivered_offsets() {
         let mut pending = PendingWindow::default();
-        pending.assign(0, 10, None);
+        pending.assign(
+            0,
+            StoredPartition {
+                next_offset: 10,
+                ..StoredPartition::default()
+            },
+        );
         assert!(pending.add(0, 10, Some(1_000), plain("a", 0, 2)));
         assert!(pending.add(0, 11, Some(1_001), plain("a", 0, 3)));
         assert!(!pending.add(0, 11, Some(1_001), plain("a", 0, 3)));
@@ -253,29 +379,40 @@ mod tests {
             !pending.add(1, 0, None, plain("b", 0, 1)),
             "partition 1 is not ours"
         );
-        let rows = pending.commit_rows();
-        assert_eq!(rows.names, vec!["a", "a"]);
-        assert_eq!(rows.window_starts_ms, vec![0, 5_000]);
-        assert_eq!(rows.sums, vec![5, -1]);
+        let rows = pending.commit_rows(0);
+        let windows: Vec<(&str, i64, i64)> = rows
+            .windows
+            .iter()
+            .map(|row| (row.name.as_str(), row.window_start_ms, row.sum))
+            .collect();
+        assert_eq!(windows, vec![("a", 0, 5), ("a", 5_000, -1)]);
         assert_eq!(pending.partitions[&0].next_offset, 13);
         assert_eq!(pending.partitions[&0].last_append_ms, Some(1_002));
-        pending.committed();
+        pending.committed(rows.generation);
         assert_eq!(pending.partitions[&0].committed_offset, 13);
-        assert!(pending.commit_rows().names.is_empty());
+        assert!(pending.commit_rows(0).windows.is_empty());
         // A window whose increments cancel out is still written.
         pending.add(0, 13, None, plain("a", 0, 4));
         pending.add(0, 14, None, plain("a", 0, -4));
-        assert_eq!(pending.commit_rows().sums, vec![0]);
+        assert_eq!(pending.commit_rows(0).windows[0].sum, 0);
+    }
+
+    #[test]
+    fn generations_rise_even_when_the_clock_does_not() {
+        let mut pending = assigned();
+        let first = pending.commit_rows(1_000).generation;
+        pending.committed(first);
+        let second = pending.commit_rows(500).generation;
+        assert_eq!((first, second), (1_000, 1_001));
     }
 
     #[test]
     fn sums_that_overflow_are_clamped_and_reported() {
-        let mut pending = PendingWindow::default();
-        pending.assign(0, 0, None);
+        let mut pending = assigned();
         pending.add(0, 0, None, plain("big", 0, i64::MAX));
         pending.add(0, 1, None, plain("big", 0, i64::MAX));
-        let rows = pending.commit_rows();
-        assert_eq!(rows.sums, vec![i64::MAX]);
+        let rows = pending.commit_rows(0);
+        assert_eq!(rows.windows[0].sum, i64::MAX);
         assert_eq!(rows.clamped, vec!["big"]);
     }
 }

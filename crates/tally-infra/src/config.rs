@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tally_core::{KeySpace, ShardPolicy, WindowSpec};
+use tally_core::{ShardPolicy, WindowSpec};
 
 /// Where the three stores are.
 #[derive(clap::Args, Clone, Debug)]
@@ -56,10 +56,6 @@ pub struct StoreConfig {
 }
 
 impl StoreConfig {
-    pub fn key_space(&self) -> KeySpace {
-        KeySpace::new(self.redis_prefix.clone())
-    }
-
     pub fn redis_timeout(&self) -> Duration {
         Duration::from_millis(self.redis_timeout_ms)
     }
@@ -104,6 +100,10 @@ impl PipelineConfig {
 
     pub fn produce_timeout(&self) -> Duration {
         Duration::from_millis(self.produce_timeout_ms)
+    }
+
+    pub fn delta_ttl_ms(&self) -> i64 {
+        (self.delta_ttl_secs * 1_000) as i64
     }
 }
 
@@ -171,6 +171,16 @@ pub struct AggregatorConfig {
         default_value = "tally-aggregator"
     )]
     pub aggregator_group: String,
+
+    /// Rows (counter-windows and idempotency key uses) an aggregator may hold read but not yet
+    /// committed. Past it, it stops consuming until a commit succeeds, so a PostgreSQL outage
+    /// under many distinct names costs lag, not unbounded memory.
+    #[arg(
+        long,
+        env = "TALLY_AGGREGATOR_MAX_PENDING",
+        default_value_t = 1_000_000
+    )]
+    pub aggregator_max_pending: usize,
 }
 
 /// Who may write, and how fast.

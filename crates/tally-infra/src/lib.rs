@@ -19,6 +19,5 @@ pub mod metrics;
 pub mod postgres;
 pub mod problem;
 pub mod redis_store;
-pub mod summaries;
 
 pub use problem::Problem;

@@ -4,7 +4,8 @@
 //! themselves, as large as the arrival rate times one Kafka acknowledgement divided by the records
 //! in flight. Two records in flight keep a counter's throughput from being capped at one group
 //! per acknowledgement. Each request still answers only once the record holding its
-//! increment is acknowledged.
+//! increment is acknowledged. A group stops growing when its keyed increments would make the
+//! record too large for Kafka; the rest wait for the next record.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -13,7 +14,7 @@ use std::sync::Mutex;
 use tally_core::CounterName;
 use tokio::sync::oneshot;
 
-use crate::service::{CounterIncrements, ProduceError};
+use crate::record::{CounterIncrements, ProduceError};
 
 pub(crate) type Outcome = Result<(), ProduceError>;
 
@@ -62,8 +63,9 @@ impl GroupCommit {
         false
     }
 
-    /// Takes the next group for a producing task. When nothing waits, the task ends (None), and
-    /// the last one to end removes the counter's entry.
+    /// Takes the next group for a producing task: what waits, in order, as long as it fits in
+    /// one record. When nothing waits, the task ends (None), and the last one to end removes the
+    /// counter's entry.
     pub(crate) fn next_group(&self, name: &CounterName) -> Option<Vec<Waiting>> {
         let mut queues = self.lock();
         let queue = queues.get_mut(name)?;
@@ -74,7 +76,19 @@ impl GroupCommit {
             }
             return None;
         }
-        Some(std::mem::take(&mut queue.waiting))
+        let mut record = CounterIncrements::empty(name.clone());
+        let fitting = queue
+            .waiting
+            .iter()
+            .take_while(|(increments, _)| {
+                let fits = record.increments == 0 || record.has_room_for(increments);
+                if fits {
+                    record.absorb(increments);
+                }
+                fits
+            })
+            .count();
+        Some(queue.waiting.drain(..fitting).collect())
     }
 
     /// Ends a producing task that stopped abnormally, so the counter is never left waiting for a
@@ -101,10 +115,7 @@ impl GroupCommit {
 pub(crate) fn merge(group: &[Waiting]) -> CounterIncrements {
     let mut merged = group[0].0.clone();
     for (increments, _) in &group[1..] {
-        // At most 10^12 per increment: a group would need 9 million of them to overflow.
-        merged.by = merged.by.saturating_add(increments.by);
-        merged.increments += increments.increments;
-        merged.keyed.extend(increments.keyed.iter().cloned());
+        merged.absorb(increments);
     }
     merged
 }
@@ -154,6 +165,25 @@ mod tests {
             assert!(group_commit.next_group(&name).is_none());
         }
         assert!(group_commit.enqueue(increments(1, None), oneshot::channel().0));
+    }
+
+    #[test]
+    fn a_group_stops_where_its_keys_would_not_fit_in_one_record() {
+        let group_commit = GroupCommit::default();
+        let name = CounterName::parse("hot").unwrap();
+        let long_key = |index: usize| format!("{index:0>120}");
+        let per_increment = crate::record::keyed_bytes(&KeyedIncrement {
+            key: long_key(0),
+            by: 1,
+        });
+        let fitting = crate::record::KEYED_BYTES_PER_RECORD / per_increment;
+        for index in 0..fitting + 10 {
+            group_commit.enqueue(increments(1, Some(&long_key(index))), oneshot::channel().0);
+        }
+        let first = group_commit.next_group(&name).unwrap();
+        assert_eq!(first.len(), fitting);
+        assert!(merge(&first).keyed_bytes() <= crate::record::KEYED_BYTES_PER_RECORD);
+        assert_eq!(group_commit.next_group(&name).unwrap().len(), 10);
     }
 
     #[test]

@@ -22,11 +22,12 @@ pub(crate) struct HotNames {
     previous: HashMap<String, u64>,
 }
 
-/// Where one record's `INCRBY` goes.
+/// Where one record's delta goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ShardChoice {
     pub(crate) shard_count: u32,
-    /// The shard count must be recorded in Redis before the `INCRBY`, so reads sum every shard.
+    /// The shard count must be recorded in Redis before the delta, so reads sum every shard.
+    /// Until Redis confirmed it ([`HotNames::declared`]), every record declares it again.
     pub(crate) declare: bool,
 }
 
@@ -69,12 +70,21 @@ impl HotNames {
         let shard_count = self.policy.shards_for_rate(rate.increments.max(previous));
         let declare = shard_count > 1
             && !matches!(rate.declared, Some((window, declared)) if window == window_start_ms && declared >= shard_count);
-        if declare {
-            rate.declared = Some((window_start_ms, shard_count));
-        }
         ShardChoice {
             shard_count,
             declare,
+        }
+    }
+
+    /// Redis confirmed that `name` uses `shard_count` shards in the window: later records need
+    /// not declare it again. Called only after the pipeline with the declaration succeeded, so a
+    /// declaration Redis never got is made again with the next record.
+    pub(crate) fn declared(&mut self, name: &str, window_start_ms: i64, shard_count: u32) {
+        if let Some(rate) = self.current.get_mut(name) {
+            let already = matches!(rate.declared, Some((window, declared)) if window == window_start_ms && declared >= shard_count);
+            if !already {
+                rate.declared = Some((window_start_ms, shard_count));
+            }
         }
     }
 }
@@ -113,6 +123,7 @@ mod tests {
             let choice = hot.observe("viral", 1, i, 0);
             if choice.declare {
                 declared.push(choice.shard_count);
+                hot.declared("viral", 0, choice.shard_count);
             }
         }
         assert_eq!(declared, vec![2, 4, 8, 16]);
@@ -121,6 +132,21 @@ mod tests {
         assert_eq!(choice.shard_count, 16);
         // A new window needs its own declaration.
         assert!(hot.observe("viral", 1, 1_001, 5_000).declare);
+    }
+
+    #[test]
+    fn a_declaration_redis_never_confirmed_is_made_again() {
+        let mut hot = hot_names();
+        for i in 0..300 {
+            hot.observe("viral", 1, i, 0);
+        }
+        // Three records in a row see more than one shard; none was confirmed.
+        for i in 300..303 {
+            assert!(hot.observe("viral", 1, i, 0).declare);
+        }
+        let choice = hot.observe("viral", 1, 303, 0);
+        hot.declared("viral", 0, choice.shard_count);
+        assert!(!hot.observe("viral", 1, 304, 0).declare);
     }
 
     #[test]

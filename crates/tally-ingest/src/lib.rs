@@ -1,17 +1,20 @@
 //! # tally-ingest
 //!
-//! Where an increment enters Tally. [`routes`] validates the request; [`service`] produces one
-//! Kafka record per counter (key = counter name, `acks=all`, idempotent producer), waits for
-//! the acknowledgement, then `INCRBY`s one of the counter's Redis shard keys, picked at random
-//! among as many as the counter's write rate calls for (`hot_names`). Increments of one counter
-//! that arrive while its previous records are in flight travel together (`group_commit`).
+//! Where an increment enters Tally. [`routes`] validates the request; [`service`] claims its
+//! idempotency keys (`idempotency`), produces one Kafka record per counter (key = counter name,
+//! `acks=all`, idempotent producer), waits for the acknowledgement, then adds it to one of the
+//! counter's delta shards in the Redis mirror, picked at random among as many as the counter's
+//! write rate calls for (`hot_names`). Increments of one counter that arrive while its previous
+//! records are in flight travel together (`group_commit`).
 //!
 //! The ingest must never answer `202` before Kafka acknowledged, and never treat Redis as the
-//! truth: a failed `INCRBY` costs freshness until the window closes, never a count.
+//! truth: a failed delta costs freshness until the window is applied, never a count.
 
 mod group_commit;
 mod hot_names;
+mod idempotency;
 mod metrics;
+mod record;
 pub mod routes;
 pub mod service;
 

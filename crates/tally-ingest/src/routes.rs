@@ -84,6 +84,7 @@ pub struct BatchRequest {
         (status = 400, description = "Bad name, amount, key or JSON", content_type = "application/problem+json"),
         (status = 413, description = "Body too large", content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", content_type = "application/problem+json"),
+        (status = 409, description = "Another request with the same idempotency key is in flight; retry after `Retry-After`", content_type = "application/problem+json"),
         (status = 422, description = "The idempotency key was first used with another counter or amount", content_type = "application/problem+json"),
         (status = 503, description = "Kafka did not acknowledge in time; the increment is indeterminate", content_type = "application/problem+json"),
     ),
@@ -146,6 +147,7 @@ pub async fn increment_one(
         (status = 400, description = "Malformed batch, or bad items listed by index", content_type = "application/problem+json"),
         (status = 413, description = "Body too large", content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", content_type = "application/problem+json"),
+        (status = 409, description = "A request with one of the idempotency keys is in flight; nothing was counted, retry after `Retry-After`", content_type = "application/problem+json"),
         (status = 422, description = "An idempotency key was first used with another counter or amount", content_type = "application/problem+json"),
         (status = 503, description = "Kafka did not acknowledge in time; the batch's increments are indeterminate", content_type = "application/problem+json"),
     ),
@@ -479,6 +481,16 @@ fn ingest_problem(error: IngestError) -> Problem {
                 error.to_string(),
             )
             .with_extension("index", json!(index));
+        }
+        IngestError::KeyInFlight { index, .. } => {
+            return Problem::new(
+                StatusCode::CONFLICT,
+                "idempotency-key-in-flight",
+                "A request with this idempotency key is in flight",
+                error.to_string(),
+            )
+            .with_extension("index", json!(index))
+            .with_retry_after(1);
         }
         IngestError::Unavailable(error) => error,
     };

@@ -1,5 +1,6 @@
-//! Where an increment enters: produce to Kafka, wait for the acknowledgement, then `INCRBY` one
-//! of the counter's Redis shard keys. Only then may the caller answer `202`.
+//! Where an increment enters: claim its idempotency key, produce to Kafka, wait for the
+//! acknowledgement, then add it to the Redis mirror's deltas. Only then may the caller answer
+//! `202`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,16 +14,18 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
-use tally_core::{
-    CounterName, IncrementRecord, KeySpace, KeyUse, KeyedIncrement, WindowSpec, scripts,
-};
+use tally_core::{CounterName, IncrementRecord, KeyUse, KeyedIncrement, WindowSpec};
 use tally_infra::clock::now_ms;
 use tally_infra::config::{IngestConfig, PipelineConfig, StoreConfig};
+use tally_mirror::{DeltaPipeline, DeltaWriter, KeySpace};
 use tracing::{debug, warn};
 
 use crate::group_commit::{self, GroupCommit};
 use crate::hot_names::HotNames;
+use crate::idempotency::{KeyClaims, KeyState};
 use crate::metrics;
+use crate::record::request_outcome;
+pub use crate::record::{CounterIncrements, ProduceError};
 
 /// One increment as the API received it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,15 +33,6 @@ pub struct IncrementItem {
     pub name: CounterName,
     pub by: i64,
     pub idempotency_key: Option<String>,
-}
-
-/// Increments of one counter that travel as one Kafka record.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CounterIncrements {
-    pub name: CounterName,
-    pub by: i64,
-    pub increments: u32,
-    pub keyed: Vec<KeyedIncrement>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,60 +49,28 @@ pub enum IngestError {
         key: String,
         first_use: KeyUse,
     },
-}
-
-/// Kafka did not acknowledge every record in time. Each affected increment is indeterminate:
-/// it may or may not have been written, and it counts at most once.
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum ProduceError {
-    #[error("kafka did not acknowledge the increment within {0:?}; it is indeterminate")]
-    Timeout(Duration),
-    #[error("kafka rejected the increment: {0}")]
-    Rejected(KafkaError),
-    #[error("the producer queue is full; the increment was not sent")]
-    QueueFull,
-    /// Some of a request's records were acknowledged and others were not.
+    /// Another request with the same idempotency key is being produced right now.
     #[error(
-        "some of the request's records were written and others were not ({0}); every increment of the request is indeterminate"
+        "a request with the idempotency key `{key}` is in flight; retry once it has been answered"
     )]
-    PartlyWritten(Box<ProduceError>),
+    KeyInFlight { index: usize, key: String },
 }
-
-/// Built once: building a script hashes its source, which is no work for every record.
-static DECLARE_SHARD_COUNT_SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(scripts::DECLARE_SHARD_COUNT));
 
 pub struct IngestService {
     producer: FutureProducer,
     redis: ConnectionManager,
     pool: PgPool,
-    keys: KeySpace,
     topic: String,
     window: WindowSpec,
     produce_timeout: Duration,
-    delta_ttl_secs: u64,
     idempotency_window_secs: u64,
+    deltas: DeltaWriter,
+    claims: KeyClaims,
     /// std Mutex: held only for a map update, never across an await.
     hot_names: Mutex<HotNames>,
     group_commit: GroupCommit,
     redis_failure_log: LogThrottle,
     pub(crate) batch_max_items: usize,
-}
-
-/// What a request of several records answers, given each record's outcome.
-fn request_outcome(outcomes: Vec<Result<(), ProduceError>>) -> Result<(), ProduceError> {
-    let Some(first_failure) = outcomes.iter().find_map(|outcome| outcome.clone().err()) else {
-        return Ok(());
-    };
-    if outcomes.iter().any(Result::is_ok) {
-        return Err(ProduceError::PartlyWritten(Box::new(first_failure)));
-    }
-    // "Not sent" only if no record was: otherwise say what makes the request indeterminate.
-    Err(outcomes
-        .into_iter()
-        .filter_map(Result::err)
-        .find(|error| !matches!(error, ProduceError::QueueFull))
-        .unwrap_or(first_failure))
 }
 
 /// Lets one log line through per interval.
@@ -131,6 +93,14 @@ impl LogThrottle {
     }
 }
 
+/// What a request's idempotency keys came to before anything is produced.
+struct KeyCheck<'a> {
+    /// Per item: a retry of a use already acknowledged (or of an earlier item of the request).
+    duplicates: Vec<bool>,
+    /// The keys this request claimed, with their uses: to acknowledge or release.
+    claimed: Vec<(&'a str, KeyUse)>,
+}
+
 impl IngestService {
     pub fn new(
         producer: FutureProducer,
@@ -140,16 +110,26 @@ impl IngestService {
         pipeline: &PipelineConfig,
         config: &IngestConfig,
     ) -> Self {
+        // A claim outlives the longest a produce can take (the timeout, plus the delivery
+        // report's trip back), so it only ever expires under a request that died.
+        let claim_ttl = pipeline.produce_timeout() + Duration::from_secs(2);
         Self {
             producer,
             redis,
             pool,
-            keys: store.key_space(),
             topic: store.kafka_topic.clone(),
             window: pipeline.window_spec(),
             produce_timeout: pipeline.produce_timeout(),
-            delta_ttl_secs: pipeline.delta_ttl_secs,
             idempotency_window_secs: pipeline.idempotency_window_secs,
+            deltas: DeltaWriter::new(
+                KeySpace::new(store.redis_prefix.clone()),
+                pipeline.delta_ttl_secs,
+            ),
+            claims: KeyClaims::new(
+                &store.redis_prefix,
+                claim_ttl,
+                Duration::from_secs(pipeline.idempotency_window_secs),
+            ),
             hot_names: Mutex::new(HotNames::new(config.shard_policy())),
             group_commit: GroupCommit::default(),
             redis_failure_log: LogThrottle::default(),
@@ -162,120 +142,190 @@ impl IngestService {
     }
 
     /// Accepts the increments of one request. Returns, per item, whether it was a retry of an
-    /// idempotency key already acknowledged (and so not counted again).
+    /// idempotency key already acknowledged (and so not counted again). Nothing is produced when
+    /// a key is reused for another increment or is in flight.
     pub async fn accept_items(
         self: &Arc<Self>,
         items: &[IncrementItem],
     ) -> Result<Vec<bool>, IngestError> {
-        let mut key_uses = self.known_key_uses(items).await;
-        let mut duplicates = vec![false; items.len()];
+        let token = format!("{:016x}", rand::rng().random::<u64>());
+        let check = self.check_keys(items, &token).await?;
         let mut records: Vec<CounterIncrements> = Vec::new();
-        let mut record_of_counter: HashMap<&CounterName, usize> = HashMap::new();
-        for (index, item) in items.iter().enumerate() {
-            if let Some(key) = &item.idempotency_key {
-                let this_use = KeyUse {
-                    counter: item.name.to_string(),
-                    by: item.by,
-                };
-                match key_uses.get(key) {
-                    Some(first_use) if *first_use == this_use => {
-                        duplicates[index] = true;
-                        continue;
-                    }
-                    Some(first_use) => {
-                        return Err(IngestError::KeyReused {
-                            index,
-                            key: key.clone(),
-                            first_use: first_use.clone(),
-                        });
-                    }
-                    None => {
-                        key_uses.insert(key.clone(), this_use);
-                    }
-                }
+        // The record each counter's next increment joins, while it has room.
+        let mut open_record: HashMap<&CounterName, usize> = HashMap::new();
+        for (item, duplicate) in items.iter().zip(&check.duplicates) {
+            if *duplicate {
+                continue;
             }
-            let record = *record_of_counter.entry(&item.name).or_insert_with(|| {
-                records.push(CounterIncrements {
-                    name: item.name.clone(),
-                    by: 0,
-                    increments: 0,
-                    keyed: Vec::new(),
-                });
-                records.len() - 1
-            });
-            let record = &mut records[record];
-            // At most 10,000 items of at most 10^12 each: the sum fits in i64.
-            record.by += item.by;
-            record.increments += 1;
+            let mut increment = CounterIncrements::empty(item.name.clone());
+            increment.by = item.by;
+            increment.increments = 1;
             if let Some(key) = &item.idempotency_key {
-                record.keyed.push(KeyedIncrement {
+                increment.keyed.push(KeyedIncrement {
                     key: key.clone(),
                     by: item.by,
                 });
             }
-        }
-        if !records.is_empty() {
-            self.accept(&records).await?;
-        }
-        Ok(duplicates)
-    }
-
-    /// What the request's idempotency keys were used for, where that is known: Redis answers
-    /// for keys acknowledged recently, PostgreSQL for keys already applied. A key neither knows
-    /// is new here; if it is in fact in flight, the aggregator still applies it only once.
-    async fn known_key_uses(&self, items: &[IncrementItem]) -> HashMap<String, KeyUse> {
-        let mut keys: Vec<&str> = items
-            .iter()
-            .filter_map(|item| item.idempotency_key.as_deref())
-            .collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let mut known = HashMap::new();
-        if keys.is_empty() {
-            return known;
-        }
-        let mut redis = self.redis.clone();
-        let redis_keys: Vec<String> = keys.iter().map(|key| self.keys.idempotency(key)).collect();
-        match redis::cmd("MGET")
-            .arg(&redis_keys)
-            .query_async::<Vec<Option<String>>>(&mut redis)
-            .await
-        {
-            Ok(uses) => {
-                for (key, encoded) in keys.iter().zip(uses) {
-                    if let Some(key_use) = encoded.as_deref().and_then(KeyUse::decode) {
-                        known.insert((*key).to_owned(), key_use);
-                    }
+            match open_record.get(&item.name) {
+                Some(index) if records[*index].has_room_for(&increment) => {
+                    records[*index].absorb(&increment);
+                }
+                _ => {
+                    open_record.insert(&item.name, records.len());
+                    records.push(increment);
                 }
             }
-            Err(error) => debug!(%error, "redis could not say which idempotency keys it knows"),
         }
-        let unknown: Vec<&str> = keys
-            .into_iter()
-            .filter(|key| !known.contains_key(*key))
+        if !records.is_empty()
+            && let Err(error) = self.accept(&records).await
+        {
+            self.claims
+                .release(&self.redis, &token, &check.claimed)
+                .await;
+            return Err(error.into());
+        }
+        Ok(check.duplicates)
+    }
+
+    /// Claims the request's keys in Redis, then asks PostgreSQL about the ones Redis did not
+    /// know. Returns an error (and has released every claim) when a key is reused for another
+    /// increment or is in flight.
+    async fn check_keys<'a>(
+        &self,
+        items: &'a [IncrementItem],
+        token: &str,
+    ) -> Result<KeyCheck<'a>, IngestError> {
+        let mut duplicates = vec![false; items.len()];
+        // Each key's first item in the request, and its use: the others must repeat it.
+        let mut first_items: Vec<(&'a str, usize, KeyUse)> = Vec::new();
+        let mut first_item_of_key: HashMap<&'a str, usize> = HashMap::new();
+        for (index, item) in items.iter().enumerate() {
+            let Some(key) = item.idempotency_key.as_deref() else {
+                continue;
+            };
+            let this_use = KeyUse {
+                counter: item.name.to_string(),
+                by: item.by,
+            };
+            match first_item_of_key.get(key) {
+                Some(first) if first_items[*first].2 == this_use => duplicates[index] = true,
+                Some(first) => {
+                    return Err(IngestError::KeyReused {
+                        index,
+                        key: key.to_owned(),
+                        first_use: first_items[*first].2.clone(),
+                    });
+                }
+                None => {
+                    first_item_of_key.insert(key, first_items.len());
+                    first_items.push((key, index, this_use));
+                }
+            }
+        }
+        let mut check = KeyCheck {
+            duplicates,
+            claimed: Vec::new(),
+        };
+        if first_items.is_empty() {
+            return Ok(check);
+        }
+        let uses: Vec<(&'a str, KeyUse)> = first_items
+            .iter()
+            .map(|(key, _, key_use)| (*key, key_use.clone()))
             .collect();
-        if unknown.is_empty() {
-            return known;
+        let states = self.claims.claim(&self.redis, token, &uses).await;
+        let mut refusal = None;
+        let mut ask_postgres: Vec<usize> = Vec::new();
+        for (position, state) in states.into_iter().enumerate() {
+            let (key, index, this_use) = &first_items[position];
+            match state {
+                KeyState::Claimed => {
+                    check.claimed.push((key, this_use.clone()));
+                    ask_postgres.push(position);
+                }
+                KeyState::Unknown => ask_postgres.push(position),
+                KeyState::Acknowledged(first_use) if first_use == *this_use => {
+                    check.duplicates[*index] = true;
+                }
+                KeyState::Acknowledged(first_use) => {
+                    refusal.get_or_insert(IngestError::KeyReused {
+                        index: *index,
+                        key: (*key).to_owned(),
+                        first_use,
+                    });
+                }
+                KeyState::InFlight(_) => {
+                    refusal.get_or_insert(IngestError::KeyInFlight {
+                        index: *index,
+                        key: (*key).to_owned(),
+                    });
+                }
+            }
         }
+        if refusal.is_none() && !ask_postgres.is_empty() {
+            let keys: Vec<&str> = ask_postgres
+                .iter()
+                .map(|position| first_items[*position].0)
+                .collect();
+            let applied = self.applied_uses(&keys).await;
+            let mut known = redis::pipe();
+            for position in ask_postgres {
+                let (key, index, this_use) = &first_items[position];
+                let Some(uses) = applied.get(*key) else {
+                    continue;
+                };
+                if uses.contains(this_use) {
+                    check.duplicates[*index] = true;
+                    self.claims.acknowledge(&mut known, key, this_use);
+                } else {
+                    refusal.get_or_insert(IngestError::KeyReused {
+                        index: *index,
+                        key: (*key).to_owned(),
+                        first_use: uses[0].clone(),
+                    });
+                }
+            }
+            if refusal.is_none() {
+                // PostgreSQL's answer, kept where the next retry looks first.
+                let mut redis = self.redis.clone();
+                let _ = known.query_async::<()>(&mut redis).await;
+                check.claimed.retain(|(key, _)| !applied.contains_key(*key));
+            }
+        }
+        if let Some(refusal) = refusal {
+            self.claims
+                .release(&self.redis, token, &check.claimed)
+                .await;
+            return Err(refusal);
+        }
+        Ok(check)
+    }
+
+    /// The uses PostgreSQL knows the aggregator applied, per key, within the idempotency window.
+    /// A key neither Redis nor PostgreSQL knows is new here; if it is in fact in flight without a
+    /// claim (Redis was unreachable), the aggregator still applies each use once.
+    async fn applied_uses(&self, keys: &[&str]) -> HashMap<String, Vec<KeyUse>> {
         let applied: Result<Vec<(String, String, i64)>, sqlx::Error> = sqlx::query_as(
             "SELECT key, counter, by FROM idempotency_keys
-             WHERE key = ANY($1) AND applied_at > now() - make_interval(secs => $2)",
+             WHERE key = ANY($1) AND applied_at > now() - make_interval(secs => $2)
+             ORDER BY applied_at",
         )
-        .bind(&unknown)
+        .bind(keys)
         .bind(self.idempotency_window_secs as f64)
         .fetch_all(&self.pool)
         .await;
+        let mut uses: HashMap<String, Vec<KeyUse>> = HashMap::new();
         match applied {
             Ok(rows) => {
                 for (key, counter, by) in rows {
-                    known.insert(key, KeyUse { counter, by });
+                    uses.entry(key).or_default().push(KeyUse { counter, by });
                 }
             }
             Err(error) => {
                 debug!(%error, "postgres could not say which idempotency keys it applied")
             }
         }
-        known
+        uses
     }
 
     /// Makes the increments durable in Kafka, then adds them to Redis. Returns once the records
@@ -333,7 +383,7 @@ impl IngestService {
         guard.2 = true;
     }
 
-    /// One record: produce it, wait for the acknowledgement, then `INCRBY`.
+    /// One record: produce it, wait for the acknowledgement, then add it to Redis.
     async fn produce_and_count(&self, increments: &CounterIncrements) -> Result<(), ProduceError> {
         let window_start_ms = self.window.start_of(now_ms());
         self.produce(increments, window_start_ms).await?;
@@ -344,7 +394,7 @@ impl IngestService {
         Ok(())
     }
 
-    /// One record per counter, all in flight together, then one `INCRBY` pipeline for the
+    /// One record per counter, all in flight together, then one Redis pipeline for the
     /// acknowledged ones. If any record failed, the whole request answers 503: its increments
     /// are indeterminate, as a single increment's are.
     async fn produce_batch_and_count(
@@ -498,15 +548,15 @@ impl IngestService {
         }
     }
 
-    /// One pipelined round trip for the whole batch. A failure here loses nothing: the records
-    /// are in Kafka, and reads take the window from PostgreSQL once it closes.
+    /// One pipelined round trip for the whole batch: the deltas, and the acknowledged uses of
+    /// its idempotency keys. A failure here loses nothing: the records are in Kafka, and reads
+    /// take the window from PostgreSQL once it is applied.
     async fn add_to_redis(&self, batch: &[CounterIncrements], window_start_ms: i64) {
         let now = now_ms();
-        let mut pipeline = redis::pipe();
+        let mut pipeline = DeltaPipeline::new();
         let mut commands = 0;
-        // Pipelined scripts run by EVALSHA only: load the script first, in the same pipeline, in
-        // case Redis restarted since the last time.
-        let mut script_loaded = false;
+        // Shard counts declared in this pipeline, confirmed once Redis took it.
+        let mut declarations: Vec<(&str, u32)> = Vec::new();
         {
             let mut hot_names = self
                 .hot_names
@@ -520,13 +570,8 @@ impl IngestService {
                         counter: name.to_owned(),
                         by: keyed.by,
                     };
-                    pipeline
-                        .set_ex(
-                            self.keys.idempotency(&keyed.key),
-                            key_use.encode(),
-                            self.idempotency_window_secs,
-                        )
-                        .ignore();
+                    self.claims
+                        .acknowledge(&mut pipeline.pipeline, &keyed.key, &key_use);
                     commands += 1;
                 }
                 if counter.by == 0 {
@@ -536,64 +581,44 @@ impl IngestService {
                     hot_names.observe(name, counter.increments as u64, now, window_start_ms);
                 metrics::SHARD_COUNT.observe(choice.shard_count as f64);
                 if choice.declare {
-                    if !script_loaded {
-                        pipeline
-                            .cmd("SCRIPT")
-                            .arg("LOAD")
-                            .arg(scripts::DECLARE_SHARD_COUNT)
-                            .ignore();
-                        script_loaded = true;
-                    }
-                    let mut invocation = DECLARE_SHARD_COUNT_SCRIPT
-                        .key(self.keys.shard_count(name, window_start_ms));
-                    invocation.arg(choice.shard_count).arg(self.delta_ttl_secs);
-                    pipeline.invoke_script(&invocation).ignore();
+                    self.deltas.declare_shard_count(
+                        &mut pipeline,
+                        name,
+                        window_start_ms,
+                        choice.shard_count,
+                    );
+                    declarations.push((name, choice.shard_count));
                 }
                 let shard = random.random_range(0..choice.shard_count);
-                let key = self.keys.delta(name, window_start_ms, shard);
-                pipeline.incr(&key, counter.by).ignore();
-                pipeline.expire(&key, self.delta_ttl_secs as i64).ignore();
-                commands += 1;
+                commands +=
+                    self.deltas
+                        .add(&mut pipeline, name, window_start_ms, shard, counter.by);
             }
         }
         if commands == 0 {
             return;
         }
         let mut redis = self.redis.clone();
-        if let Err(error) = pipeline.query_async::<()>(&mut redis).await {
-            metrics::REDIS_FAILURES.inc_by(commands);
-            // While Redis is down every request fails here: say so once in a while, not per
-            // request; the metric counts them all.
-            if self.redis_failure_log.should_log(now) {
-                warn!(%error, batch.size = commands, "redis incrby failed; reads catch up when the window closes");
-            } else {
-                debug!(%error, "redis incrby failed");
+        match pipeline.pipeline.query_async::<()>(&mut redis).await {
+            Ok(()) => {
+                let mut hot_names = self
+                    .hot_names
+                    .lock()
+                    .expect("the hot names lock should never be poisoned");
+                for (name, shard_count) in declarations {
+                    hot_names.declared(name, window_start_ms, shard_count);
+                }
+            }
+            Err(error) => {
+                metrics::REDIS_FAILURES.inc_by(commands);
+                // While Redis is down every request fails here: say so once in a while, not per
+                // request; the metric counts them all.
+                if self.redis_failure_log.should_log(now) {
+                    warn!(%error, batch.size = commands, "redis did not take the deltas; reads catch up when the window is applied");
+                } else {
+                    debug!(%error, "redis did not take the deltas");
+                }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_request_says_not_sent_only_when_no_record_was_sent() {
-        let timeout = || ProduceError::Timeout(Duration::from_secs(5));
-        assert!(request_outcome(vec![Ok(()), Ok(())]).is_ok());
-        assert!(matches!(
-            request_outcome(vec![
-                Err(ProduceError::QueueFull),
-                Err(ProduceError::QueueFull)
-            ]),
-            Err(ProduceError::QueueFull)
-        ));
-        assert!(matches!(
-            request_outcome(vec![Err(ProduceError::QueueFull), Err(timeout())]),
-            Err(ProduceError::Timeout(_))
-        ));
-        let partly = request_outcome(vec![Ok(()), Err(ProduceError::QueueFull)]).unwrap_err();
-        assert!(matches!(partly, ProduceError::PartlyWritten(_)));
-        assert!(partly.to_string().contains("indeterminate"), "{partly}");
     }
 }

@@ -20,7 +20,7 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply the PostgreSQL migrations. Running it again is a no-op.
     Migrate(MigrateArgs),
-    /// Rebuild Redis from PostgreSQL, while traffic goes on. Safe to run at any time.
+    /// Rebuild the Redis mirror from PostgreSQL, while traffic goes on. Safe to run at any time.
     Replay(ReplayArgs),
 }
 
@@ -35,6 +35,30 @@ pub enum Role {
     Read,
     /// The Kafka consumer that writes PostgreSQL once per window.
     Aggregator,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines, coloured only when stderr is a terminal.
+    Text,
+    /// One JSON object per line, for a log collector.
+    Json,
+}
+
+/// The logging flags every subcommand takes (the filter itself is `TALLY_LOG`).
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Format of the log lines on stderr: `text`, or `json` for a log collector.
+    #[arg(long, env = "TALLY_LOG_FORMAT", value_parser = parse_log_format, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Like clap's own enum parser, but the error names the variable too: the value usually comes
+/// from `TALLY_LOG_FORMAT`, and a typo there must stop the start, not fall back to text.
+fn parse_log_format(value: &str) -> Result<LogFormat, String> {
+    LogFormat::from_str(value, false)
+        .map_err(|_| "TALLY_LOG_FORMAT (--log-format) must be `text` or `json`".to_owned())
 }
 
 #[derive(Debug, Clone, Args)]
@@ -52,7 +76,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TALLY_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate_on_start: bool,
 
-    /// With the aggregator role: rebuild Redis by itself when it finds Redis lost its data.
+    /// With the aggregator role: repair the buckets of the Redis mirror that lost data by
+    /// itself. Off, they wait for `tally replay`, and reads of their counters use PostgreSQL.
     #[arg(long, env = "TALLY_AUTO_REPLAY", default_value_t = true, action = clap::ArgAction::Set)]
     pub auto_replay: bool,
 
@@ -74,20 +99,24 @@ pub struct ServeArgs {
     pub aggregator: AggregatorConfig,
     #[command(flatten)]
     pub security: SecurityConfig,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct MigrateArgs {
     #[command(flatten)]
     pub store: StoreConfig,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct ReplayArgs {
-    /// How long to wait for the aggregator to apply the records not yet in PostgreSQL, in
-    /// seconds.
-    #[arg(long, env = "TALLY_REPLAY_WAIT_SECS", default_value_t = 600)]
-    pub wait_secs: u64,
+    /// Rewrite every counter's summary, not only those of the buckets that lost data or missed
+    /// commits.
+    #[arg(long)]
+    pub full: bool,
 
     #[command(flatten)]
     pub store: StoreConfig,
@@ -95,6 +124,18 @@ pub struct ReplayArgs {
     pub pipeline: PipelineConfig,
     #[command(flatten)]
     pub aggregator: AggregatorConfig,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl Command {
+    pub fn log_format(&self) -> LogFormat {
+        match self {
+            Command::Serve(args) => args.log.log_format,
+            Command::Migrate(args) => args.log.log_format,
+            Command::Replay(args) => args.log.log_format,
+        }
+    }
 }
 
 impl ServeArgs {

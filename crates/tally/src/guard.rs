@@ -12,6 +12,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use subtle::{Choice, ConstantTimeEq as _};
 use tally_infra::Problem;
 use tally_infra::config::SecurityConfig;
 
@@ -52,11 +53,12 @@ impl WriteGuard {
                     "write routes need `Authorization: Bearer API_KEY`",
                 ));
             };
-            if !self
-                .api_keys
-                .iter()
-                .any(|key| constant_time_eq(key.as_bytes(), presented.as_bytes()))
-            {
+            // Every key is compared, not just those up to the first match, so the time taken
+            // does not tell which key matched either.
+            let matched = self.api_keys.iter().fold(Choice::from(0), |matched, key| {
+                matched | constant_time_eq(presented.as_bytes(), key.as_bytes())
+            });
+            if !bool::from(matched) {
                 return Err(unauthorized("the API key is not valid"));
             }
         }
@@ -114,7 +116,9 @@ pub async fn guard_admin(
         .into_response();
     };
     match bearer_token(request.headers()) {
-        Some(presented) if constant_time_eq(presented.as_bytes(), admin_token.as_bytes()) => {
+        Some(presented)
+            if constant_time_eq(presented.as_bytes(), admin_token.as_bytes()).into() =>
+        {
             next.run(request).await
         }
         Some(_) => unauthorized("the admin token is not valid").into_response(),
@@ -162,14 +166,15 @@ fn unauthorized(detail: &str) -> Problem {
     )
 }
 
-/// Compares secrets without stopping at the first difference, so timing does not leak them.
-fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
-    left.len() == right.len()
-        && left
-            .iter()
-            .zip(right)
-            .fold(0, |difference, (a, b)| difference | (a ^ b))
-            == 0
+/// Compares a presented token with a secret in a time that does not depend on where the first
+/// differing byte is, so timing cannot reveal the secret byte by byte (`subtle`).
+///
+/// Tokens of different lengths are unequal at once: `subtle` checks the lengths first, so the
+/// timing does tell whether the lengths match, and so the secret's length. That is the accepted
+/// practice: a length tells nothing of the bytes, and a secret long and random enough stays
+/// unguessable when its length is known. Hiding it as well would take hashing both sides first.
+fn constant_time_eq(presented: &[u8], secret: &[u8]) -> Choice {
+    presented.ct_eq(secret)
 }
 
 /// The `WWW-Authenticate` challenge that goes with a 401.
@@ -226,6 +231,40 @@ mod tests {
             StatusCode::UNAUTHORIZED
         );
         assert!(closed.check(&with_bearer("s3cret"), None).is_ok());
+    }
+
+    #[test]
+    fn tokens_match_only_when_every_byte_and_the_length_match() {
+        let matches = |presented: &str, secret: &str| -> bool {
+            constant_time_eq(presented.as_bytes(), secret.as_bytes()).into()
+        };
+        assert!(matches("s3cret-token", "s3cret-token"));
+        assert!(
+            !matches("x3cret-token", "s3cret-token"),
+            "first byte differs"
+        );
+        assert!(
+            !matches("s3cret-tokex", "s3cret-token"),
+            "last byte differs"
+        );
+        assert!(!matches("s3cret-toke", "s3cret-token"), "a prefix");
+        assert!(!matches("s3cret-tokens", "s3cret-token"), "longer");
+        assert!(!matches("", "s3cret-token"));
+    }
+
+    #[test]
+    fn any_configured_key_is_accepted() {
+        let guard = WriteGuard::new(&config(&["k-one", "k-two", "k-three"], 0, 0));
+        for key in ["k-one", "k-two", "k-three"] {
+            assert!(guard.check(&with_bearer(key), None).is_ok(), "{key}");
+        }
+        for key in ["k-four", "k-on", "k-onee", "K-ONE"] {
+            assert_eq!(
+                guard.check(&with_bearer(key), None).unwrap_err().status,
+                StatusCode::UNAUTHORIZED,
+                "{key}"
+            );
+        }
     }
 
     #[test]

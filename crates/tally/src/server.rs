@@ -13,7 +13,6 @@ use tally_aggregator::Aggregator;
 use tally_infra::Problem;
 use tally_ingest::IngestService;
 use tally_read::ReadService;
-use tally_replay::ReplayJob;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -30,9 +29,7 @@ pub struct App {
     router: Router,
     producer: Option<FutureProducer>,
     aggregator: Option<Aggregator>,
-    auto_replay: Option<ReplayJob>,
     write_guard: Arc<WriteGuard>,
-    window_ms: u64,
     shutdown_timeout: Duration,
     cancel: CancellationToken,
 }
@@ -45,6 +42,7 @@ impl App {
             tally_infra::postgres::migrate(&pool).await?;
         }
         let redis = tally_infra::redis_store::connect(&args.store)?;
+        health::warn_if_redis_can_evict(redis.clone()).await;
         if args.runs(Role::Ingest) || args.runs(Role::Aggregator) {
             tally_infra::kafka::ensure_topic(&args.store).await?;
         }
@@ -77,35 +75,26 @@ impl App {
                 pool.clone(),
                 &args.store,
                 &args.pipeline,
+                &args.aggregator,
                 &args.read,
             );
             router = router.merge(tally_read::router(Arc::new(service)));
         }
         let mut aggregator = None;
-        let mut auto_replay = None;
         if args.runs(Role::Aggregator) {
-            // A connection of its own: the aggregator and the replay write summaries in long
-            // pipelines, and on the shared multiplexed connection the ingest's INCRBYs and the
+            // A connection of its own: the aggregator copies commits into the mirror in long
+            // pipelines, and on the shared multiplexed connection the ingest's deltas and the
             // reads would queue behind them.
-            let summaries_redis = tally_infra::redis_store::connect(&args.store)?;
+            let mirror_redis = tally_infra::redis_store::connect(&args.store)?;
             aggregator = Some(Aggregator::build(
                 &args.store,
                 &args.pipeline,
                 &args.aggregator,
                 pool.clone(),
-                summaries_redis.clone(),
+                mirror_redis,
+                args.auto_replay,
                 cancel.clone(),
             )?);
-            if args.auto_replay {
-                auto_replay = Some(ReplayJob::new(
-                    &args.store,
-                    &args.pipeline,
-                    &args.aggregator,
-                    pool.clone(),
-                    summaries_redis,
-                    Duration::from_secs(600),
-                ));
-            }
         }
         let dependencies = Arc::new(Dependencies {
             redis,
@@ -138,9 +127,7 @@ impl App {
             router,
             producer,
             aggregator,
-            auto_replay,
             write_guard,
-            window_ms: args.pipeline.window_ms,
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout_secs),
             cancel,
         })
@@ -159,9 +146,6 @@ impl App {
         let mut tasks = JoinSet::new();
         if let Some(aggregator) = self.aggregator {
             tasks.spawn(aggregator.run());
-        }
-        if let Some(replay) = self.auto_replay {
-            tasks.spawn(heal_lost_redis(replay, self.window_ms, self.cancel.clone()));
         }
         tasks.spawn(forget_idle_clients(
             Arc::clone(&self.write_guard),
@@ -218,44 +202,6 @@ impl App {
         }
         info!("tally stopped");
         first_error.map_or(Ok(()), Err)
-    }
-}
-
-/// Runs the replay whenever Redis turns out to have lost its data, so a restarted or flushed
-/// Redis heals without an operator.
-async fn heal_lost_redis(
-    replay: ReplayJob,
-    window_ms: u64,
-    cancel: CancellationToken,
-) -> anyhow::Result<()> {
-    let mut redis = replay.redis.clone();
-    let meta_key = replay.keys.meta();
-    loop {
-        let meta_exists = redis::cmd("EXISTS")
-            .arg(&meta_key)
-            .query_async::<bool>(&mut redis)
-            .await;
-        if let Ok(false) = meta_exists {
-            warn!(
-                "redis holds no tally metadata (a first start, or redis lost its data); rebuilding it from postgres"
-            );
-            match replay.run(|line| info!("{line}")).await {
-                Ok(summary) => info!(
-                    replay.counters = summary.counters_rebuilt,
-                    replay.records = summary.records_replayed,
-                    duration_ms = summary.duration.as_millis() as u64,
-                    "redis rebuilt"
-                ),
-                Err(error) => warn!(
-                    error = format!("{error:#}"),
-                    "rebuilding redis failed; will retry"
-                ),
-            }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_millis(window_ms)) => {}
-        }
     }
 }
 

@@ -158,15 +158,7 @@ async fn the_dedup_survives_redis_loss_and_replay() {
         (202, json!(true)),
         "{body}"
     );
-    let replay = tally_replay::ReplayJob::new(
-        &app.args.store,
-        &app.args.pipeline,
-        &app.args.aggregator,
-        app.pool.clone(),
-        app.redis.clone(),
-        Duration::from_secs(60),
-    );
-    replay.run(|_| {}).await.unwrap();
+    app.replay().await;
     wait_for_exact(&app, "downloads", 4).await;
     let absorbed = reqwest::get(app.url("/metrics"))
         .await

@@ -95,17 +95,7 @@ pub async fn start(args: ServeArgs) -> TestApp {
     };
     if !test_app.args.auto_replay {
         // Nothing else marks a new Redis as complete.
-        let job = tally_replay::ReplayJob::new(
-            &test_app.args.store,
-            &test_app.args.pipeline,
-            &test_app.args.aggregator,
-            test_app.pool.clone(),
-            test_app.redis.clone(),
-            Duration::from_secs(60),
-        );
-        job.run(|_| {})
-            .await
-            .expect("the first replay should succeed");
+        test_app.replay().await;
     }
     // Ready once the aggregator has published closed windows and reads come from Redis.
     wait_until(Duration::from_secs(60), "reads come from redis", || async {
@@ -116,6 +106,21 @@ pub async fn start(args: ServeArgs) -> TestApp {
 }
 
 impl TestApp {
+    /// Rebuilds the Redis mirror from PostgreSQL, as `tally replay` does.
+    pub async fn replay(&self) -> tally_mirror::RebuildReport {
+        tally::replay::rebuild_mirror(
+            &self.args.store,
+            &self.args.pipeline,
+            &self.args.aggregator,
+            &self.pool,
+            &self.redis,
+            false,
+            &mut |_| {},
+        )
+        .await
+        .expect("the replay should succeed")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
     }
@@ -286,7 +291,10 @@ impl OwnRedis {
     /// again from its last `dump.rdb`: every write since that snapshot is gone, and what the
     /// snapshot held looks as valid as ever.
     pub fn restart_from_snapshot(&mut self) {
-        assert!(self.data_dir.is_some(), "only a persistent server has a snapshot");
+        assert!(
+            self.data_dir.is_some(),
+            "only a persistent server has a snapshot"
+        );
         self.stop();
         self.spawn();
     }

@@ -1,0 +1,191 @@
+//! Idempotency keys at the edge: a key is claimed in Redis before its increment is produced, so
+//! of two requests racing with one key only one is produced.
+//!
+//! A key's Redis value says where its first use stands:
+//! - `P TOKEN USE`: in flight. Claimed with `SET NX` by the request that produces it (`TOKEN`
+//!   is that request's), for a little longer than a produce can take. Any other request with
+//!   the key gets `409` and retries later.
+//! - `A USE`: acknowledged by Kafka. A retry with the same use is a duplicate (`202`, not counted
+//!   again); another counter or amount gets `422`.
+//!
+//! (`USE` is `BY:COUNTER`.) When the produce fails, the request releases its claim, so the
+//! client's retry can go ahead; if the record landed after all, the aggregator drops the retry.
+//! Redis only speeds this up: PostgreSQL knows every use the aggregator applied, and the
+//! aggregator applies a use once. When Redis cannot be reached, a request is produced without a
+//! claim; two different uses of one key can then both be acknowledged, and both count (see
+//! `tally_idempotency_conflicts_total`).
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use tally_core::KeyUse;
+
+/// Where a key stood when a request tried to claim it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum KeyState {
+    /// This request holds the claim now.
+    Claimed,
+    /// Another request is producing this use.
+    InFlight(KeyUse),
+    /// Kafka acknowledged this use.
+    Acknowledged(KeyUse),
+    /// Redis could not say: the request goes ahead without a claim.
+    Unknown,
+}
+
+/// Claims and releases keys in Redis. Every command touches one key, so each works on any node
+/// of a Redis Cluster.
+pub(crate) struct KeyClaims {
+    prefix: String,
+    /// How long a claim outlives a request that dies holding it.
+    claim_ttl: Duration,
+    /// How long an acknowledged use is remembered.
+    remember_for: Duration,
+    release: redis::Script,
+}
+
+/// Deletes a claim only if it is still the one this request made.
+const RELEASE_CLAIM: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+impl KeyClaims {
+    pub(crate) fn new(prefix: &str, claim_ttl: Duration, remember_for: Duration) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            claim_ttl,
+            remember_for,
+            release: redis::Script::new(RELEASE_CLAIM),
+        }
+    }
+
+    fn redis_key(&self, key: &str) -> String {
+        format!("{{}}{}:i:{key}", self.prefix)
+    }
+
+    fn claim_value(token: &str, key_use: &KeyUse) -> String {
+        format!("P {token} {}", key_use.encode())
+    }
+
+    /// Tries to claim every key, each for its use, in one round trip.
+    pub(crate) async fn claim(
+        &self,
+        redis: &ConnectionManager,
+        token: &str,
+        uses: &[(&str, KeyUse)],
+    ) -> Vec<KeyState> {
+        let mut pipeline = redis::pipe();
+        for (key, key_use) in uses {
+            pipeline
+                .cmd("SET")
+                .arg(self.redis_key(key))
+                .arg(Self::claim_value(token, key_use))
+                .arg("NX")
+                .arg("PX")
+                .arg(self.claim_ttl.as_millis() as u64)
+                .arg("GET");
+        }
+        let mut redis = redis.clone();
+        match pipeline
+            .query_async::<Vec<Option<String>>>(&mut redis)
+            .await
+        {
+            Ok(previous) if previous.len() == uses.len() => previous
+                .iter()
+                .map(|value| parse_state(value.as_deref()))
+                .collect(),
+            _ => vec![KeyState::Unknown; uses.len()],
+        }
+    }
+
+    /// Records acknowledged uses, in a pipeline the caller sends (the one with the deltas).
+    pub(crate) fn acknowledge(&self, pipeline: &mut redis::Pipeline, key: &str, key_use: &KeyUse) {
+        pipeline
+            .set_ex(
+                self.redis_key(key),
+                format!("A {}", key_use.encode()),
+                self.remember_for.as_secs(),
+            )
+            .ignore();
+    }
+
+    /// Gives back the claims this request made, so a retry can go ahead. A claim that has
+    /// expired and been taken by another request is left alone.
+    pub(crate) async fn release(
+        &self,
+        redis: &ConnectionManager,
+        token: &str,
+        claimed: &[(&str, KeyUse)],
+    ) {
+        if claimed.is_empty() {
+            return;
+        }
+        let mut pipeline = redis::pipe();
+        pipeline
+            .cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(RELEASE_CLAIM)
+            .ignore();
+        for (key, key_use) in claimed {
+            let mut invocation = self.release.key(self.redis_key(key));
+            invocation.arg(Self::claim_value(token, key_use));
+            pipeline.invoke_script(&invocation).ignore();
+        }
+        let mut redis = redis.clone();
+        // A claim that stays expires by itself; a retry until then gets 409.
+        let _ = pipeline.query_async::<()>(&mut redis).await;
+    }
+}
+
+fn parse_state(value: Option<&str>) -> KeyState {
+    let Some(value) = value else {
+        return KeyState::Claimed;
+    };
+    if let Some(acknowledged) = value.strip_prefix("A ") {
+        return KeyUse::decode(acknowledged).map_or(KeyState::Unknown, KeyState::Acknowledged);
+    }
+    if let Some(in_flight) = value.strip_prefix("P ") {
+        let key_use = in_flight
+            .split_once(' ')
+            .and_then(|(_, key_use)| KeyUse::decode(key_use));
+        return key_use.map_or(KeyState::Unknown, KeyState::InFlight);
+    }
+    // Written by an older version: the bare use of an acknowledged key.
+    KeyUse::decode(value).map_or(KeyState::Unknown, KeyState::Acknowledged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_use(counter: &str, by: i64) -> KeyUse {
+        KeyUse {
+            counter: counter.into(),
+            by,
+        }
+    }
+
+    #[test]
+    fn states_parse() {
+        assert_eq!(parse_state(None), KeyState::Claimed);
+        assert_eq!(
+            parse_state(Some("A -3:page:home")),
+            KeyState::Acknowledged(key_use("page:home", -3))
+        );
+        assert_eq!(
+            parse_state(Some("P 0123abcd 5:a b")),
+            KeyState::InFlight(key_use("a b", 5))
+        );
+        assert_eq!(
+            parse_state(Some("2:legacy")),
+            KeyState::Acknowledged(key_use("legacy", 2))
+        );
+        assert_eq!(parse_state(Some("garbage")), KeyState::Unknown);
+    }
+
+    #[test]
+    fn a_claim_names_its_request() {
+        assert_eq!(KeyClaims::claim_value("t1", &key_use("c", 1)), "P t1 1:c");
+    }
+}
