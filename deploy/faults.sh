@@ -4,7 +4,7 @@
 # tally, runs every scenario (load + faults + Jepsen-style counter check), prints a markdown
 # table, and tears its stack down by pid. Exits non-zero when any scenario finds a violation.
 #
-#   deploy/faults.sh                     # short: a few seconds of load per scenario (~4 min)
+#   deploy/faults.sh                     # short: a few seconds of load per scenario (~7 min)
 #   deploy/faults.sh --long              # about a minute per scenario, every fault repeated
 #   deploy/faults.sh --scenario mixed    # only these scenarios (repeatable; --list names them)
 #   deploy/faults.sh --seed 42           # repeat a run's random choices (printed in the header)
@@ -12,8 +12,9 @@
 #   deploy/faults.sh --keep-stack        # leave the suite's stack running afterwards
 #
 # Elsewhere: TALLY_FAULTS_DIR, TALLY_FAULTS_REDIS_PORT, TALLY_FAULTS_PG_PORT,
-# TALLY_FAULTS_KAFKA_PORT, TALLY_FAULTS_KAFKA_CONTROLLER_PORT. Logs of every Tally process and
-# the report: <TALLY_FAULTS_DIR>/run/.
+# TALLY_FAULTS_KAFKA_PORT, TALLY_FAULTS_KAFKA_CONTROLLER_PORT. CARGO_TARGET_DIR is honoured
+# (build elsewhere than target/); TALLY_FAULTS_TALLY_BIN tests that tally binary instead of
+# building one. Logs of every Tally process and the report: <TALLY_FAULTS_DIR>/run/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$(pwd -P)"
@@ -33,7 +34,7 @@ for arg in "$@"; do
     --release) profile=release ;;
     --list) list_only=1 ;;
     -h | --help)
-      sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+      sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
       exit 0
       ;;
     *) args+=("$arg") ;;
@@ -69,13 +70,21 @@ if [[ -n "$kafka_version" && -f "$shared_kafka_libs/kafka_2.13-$kafka_version.ja
 fi
 
 # --- build ---------------------------------------------------------------------------------
+# Wherever cargo builds: someone else's build in target/ must not be the one we test.
+target_dir="${CARGO_TARGET_DIR:-target}"
 release_flag=()
 if [[ "$profile" == release ]]; then release_flag=(--release); fi
 cargo build -q -p tally-faults
-cargo build -q -p tally "${release_flag[@]+"${release_flag[@]}"}"
+if [[ -n "${TALLY_FAULTS_TALLY_BIN:-}" ]]; then
+  tally_bin="$TALLY_FAULTS_TALLY_BIN"
+  [[ -x "$tally_bin" ]] || die "TALLY_FAULTS_TALLY_BIN=$tally_bin is not an executable"
+else
+  cargo build -q -p tally "${release_flag[@]+"${release_flag[@]}"}"
+  tally_bin="$target_dir/$profile/tally"
+fi
 
 if ((list_only)); then
-  exec target/debug/tally-faults --list
+  exec "$target_dir/debug/tally-faults" --list
 fi
 
 run_dir="$TALLY_LOCAL_DIR/run"
@@ -129,8 +138,8 @@ if ! deploy/local/up.sh >>"$run_dir/stack.log" 2>&1; then
   die "the suite's stack did not come up"
 fi
 
-target/debug/tally-faults \
-  --tally-bin "target/$profile/tally" \
+"$target_dir/debug/tally-faults" \
+  --tally-bin "$tally_bin" \
   --scripts-dir deploy/local \
   --local-dir "$TALLY_LOCAL_DIR" \
   --work-dir "$run_dir" \

@@ -456,6 +456,7 @@ async fn update_mirror(
         // Nothing was ever mirrored, so no delta can have been lost before now.
         new_bucket_valid_from_ms: if never_mirrored { 0 } else { next_window_ms },
         rolled_back_valid_from_ms: next_window_ms,
+        now_ms: now_ms(),
     };
     let commit = CommitToMirror {
         generation,

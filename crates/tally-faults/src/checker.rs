@@ -10,6 +10,11 @@
 //! `[sum acknowledged, sum acknowledged + sum indeterminate]`; when clients retried every
 //! indeterminate increment with its idempotency key until it was acknowledged, it must equal the
 //! exact sum of every intended increment.
+//!
+//! Idempotency answers (see [`crate::key_reuse`]): a `202` that is not a duplicate is
+//! acknowledged; `409` (key in flight) and `422` (key reused) are failed, never counted; a `503`
+//! or a timeout is indeterminate. A `202 {"duplicate": true}` for a use unlike every other use
+//! of its key, and a `422` for a use exactly like the first one, are violations of their own.
 
 use std::fmt;
 use std::time::Duration;
@@ -115,11 +120,22 @@ impl StalenessAllowances {
     }
 
     /// Whether an increment acknowledged at `acked_at` may have lost its Redis delta to a Redis
-    /// fault (the ingest's `INCRBY` failed, yet it answered `202`).
+    /// fault (the ingest's `INCRBY` failed, yet it answered `202`; or the delta was evicted,
+    /// flushed, or written after the snapshot Redis came back from).
+    ///
+    /// A fault that can silently lose deltas written before it began (eviction) reaches back by
+    /// `stale_read`: a read depends on a delta only until the delta's window has closed and the
+    /// aggregator has committed it, which is what `stale_read` bounds. Older increments are in
+    /// PostgreSQL and in their counter's summary, and a read missing them is wrong.
     pub fn redis_delta_may_be_lost(&self, acked_at: Duration, faults: &[FaultRecord]) -> bool {
         faults.iter().any(|fault| {
+            let reach_back = if fault.kind.may_drop_redis_deltas_written_before_it() {
+                self.stale_read
+            } else {
+                Duration::ZERO
+            };
             fault.kind.may_drop_redis_deltas()
-                && acked_at >= fault.started_at
+                && acked_at + reach_back >= fault.started_at
                 && acked_at <= fault.healed_at + self.redis_delta_loss_margin
         })
     }
@@ -248,6 +264,24 @@ pub enum Violation {
         counter: String,
         values: FinalValues,
     },
+    /// A use of an idempotency key unlike every other use of it (another counter or amount) was
+    /// answered `202 {"duplicate": true}`: the client was told it was counted, the first time,
+    /// when no use of the key was that increment.
+    DuplicateOfADifferentUse {
+        counter: String,
+        by: i64,
+        key: String,
+        answered_at: Duration,
+    },
+    /// A use with the same counter and amount as the key's first use (a retry) was refused with
+    /// `422` as if it were a reuse for another increment.
+    IdenticalUseRefusedAsReused {
+        /// The counter, or the batch's counters.
+        counter: String,
+        answered_at: Duration,
+        /// Tally's problem detail.
+        detail: String,
+    },
 }
 
 impl fmt::Display for Violation {
@@ -321,6 +355,26 @@ impl fmt::Display for Violation {
                 values.postgres,
                 optional(values.redis),
                 optional(values.read)
+            ),
+            Violation::DuplicateOfADifferentUse {
+                counter,
+                by,
+                key,
+                answered_at,
+            } => write!(
+                formatter,
+                "{counter}: by {by} with Idempotency-Key {key} answered 202 \"duplicate\": true at {}, though no other use of the key was this increment",
+                seconds(*answered_at)
+            ),
+            Violation::IdenticalUseRefusedAsReused {
+                counter,
+                answered_at,
+                detail,
+            } => write!(
+                formatter,
+                "{counter}: a retry with the same counter and amount was refused with 422 at {}: {}",
+                seconds(*answered_at),
+                detail.replace(['\n', '|'], " ")
             ),
         }
     }
@@ -466,7 +520,9 @@ pub fn check_final(
         });
     }
     match mode {
-        ClientMode::SingleAttempt => {
+        // Unretried increments, and uses of a key that are never retried: each acknowledged one
+        // counts once, each indeterminate one at most once, each failed one never.
+        ClientMode::SingleAttempt | ClientMode::ConcurrentKeyReuse => {
             if values.postgres < sums.acknowledged {
                 violations.push(Violation::LostIncrements {
                     counter: counter.to_owned(),
@@ -900,6 +956,121 @@ mod tests {
         );
         assert_eq!(check(5), at(1_500), "misses those from 2.0 s on");
         assert_eq!(check(0), at(2_500));
+    }
+
+    #[test]
+    fn key_reuse_counters_follow_the_unretried_rules() {
+        // A 202 of 3, a 409 of 2 (failed) and a 503 of 4 (indeterminate): [3, 7].
+        let increments = [acknowledged(3, 0, 100), failed(2, 0), indeterminate(4, 0)];
+        let check = |value| {
+            check_final(
+                ClientMode::ConcurrentKeyReuse,
+                COUNTER,
+                &increments,
+                &agreeing(value),
+            )
+        };
+        assert_eq!(check(3), vec![]);
+        assert_eq!(check(7), vec![]);
+        assert_eq!(
+            check(9),
+            vec![Violation::CountedTwice {
+                counter: COUNTER.into(),
+                final_value: 9,
+                upper_bound: 7,
+            }],
+            "the 409's 2 counted"
+        );
+        assert_eq!(
+            check(2),
+            vec![Violation::LostIncrements {
+                counter: COUNTER.into(),
+                final_value: 2,
+                acknowledged_sum: 3,
+            }]
+        );
+    }
+
+    #[test]
+    fn a_409_never_raises_the_upper_bound_of_a_read() {
+        let increments = [acknowledged(3, 0, 100), failed(2, 50)];
+        let counted = read(5, 1_000, 1_010, false);
+        assert_eq!(
+            reads_violations(&increments, std::slice::from_ref(&counted), &[]),
+            vec![Violation::ReadAboveUpperBound {
+                counter: COUNTER.into(),
+                read: counted,
+                upper_bound: 3,
+            }]
+        );
+    }
+
+    #[test]
+    fn eviction_reaches_back_over_deltas_still_in_use_but_no_further() {
+        let allowances = allowances();
+        let faults = [fault(FaultKind::EvictRedisKeys, 20_000, 25_000)];
+        // Acknowledged 5 s before the eviction began: its delta may still be read, and evicted.
+        assert!(allowances.redis_delta_may_be_lost(at(15_000), &faults));
+        // 9 s before: its window is closed and committed (stale allowance 8 s); a read that
+        // misses it is wrong whatever Redis lost.
+        assert!(!allowances.redis_delta_may_be_lost(at(11_000), &faults));
+        // A restart (empty or from a snapshot) begins where its loss begins: no reach back.
+        for kind in [
+            FaultKind::RestartRedisEmpty,
+            FaultKind::RestartRedisFromSnapshot,
+            FaultKind::FlushRedisDuringReplay,
+        ] {
+            let faults = [fault(kind, 20_000, 25_000)];
+            assert!(!allowances.redis_delta_may_be_lost(at(15_000), &faults));
+            assert!(allowances.redis_delta_may_be_lost(at(20_500), &faults));
+        }
+    }
+
+    #[test]
+    fn a_read_showing_a_snapshot_older_than_the_stale_allowance_is_caught() {
+        // SAVE at 10 s, 12 s of load (increments of 1 every second), kill -9 and restart from
+        // the snapshot at 22 s, back at 22.5 s. A read at 23 s that shows the snapshot's value
+        // misses increments acknowledged up to 13 s earlier: past the 8 s stale allowance, and
+        // the restart credits no stall.
+        let increments: Vec<IncrementRecord> = (0..22)
+            .map(|second| acknowledged(1, second * 1_000, second * 1_000 + 50))
+            .collect();
+        let faults = [fault(FaultKind::RestartRedisFromSnapshot, 10_000, 22_500)];
+        let snapshot_value = 10; // the increments acknowledged before 10 s
+        for stale in [false, true] {
+            let violations = reads_violations(
+                &increments,
+                &[read(snapshot_value, 23_000, 23_010, stale)],
+                &faults,
+            );
+            assert_eq!(violations.len(), 1, "stale {stale}: {violations:?}");
+        }
+        // A value up to date but for the last 8 s is within the allowance.
+        assert_eq!(
+            reads_violations(&increments, &[read(15, 23_000, 23_010, true)], &faults),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn the_new_idempotency_violations_say_what_happened() {
+        let duplicate = Violation::DuplicateOfADifferentUse {
+            counter: "b".into(),
+            by: 2,
+            key: "k".into(),
+            answered_at: at(1_500),
+        };
+        assert!(
+            duplicate
+                .to_string()
+                .contains("\"duplicate\": true at 1.500s")
+        );
+        let refused = Violation::IdenticalUseRefusedAsReused {
+            counter: "a".into(),
+            answered_at: at(2_000),
+            detail: "first used for x".into(),
+        };
+        assert!(refused.to_string().contains("refused with 422"));
     }
 
     #[test]

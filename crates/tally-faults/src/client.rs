@@ -1,8 +1,13 @@
 //! Talking to Tally, and turning each answer into what it means for the count.
 //!
 //! The classification follows the README's "What each status code promises":
-//! - `202`: acknowledged, counted exactly once;
-//! - `4xx`: rejected, nothing counted;
+//! - `202`: acknowledged, counted exactly once (`"duplicate": true`: a retry of a use already
+//!   acknowledged, counted once, the first time);
+//! - `409` `/problems/idempotency-key-in-flight`: another use of the key is in flight, nothing
+//!   counted, retry later with the same key;
+//! - `422` `/problems/idempotency-key-reused`: the key was first used for another counter or
+//!   amount, nothing counted;
+//! - any other `4xx`: rejected, nothing counted;
 //! - `503`, any other `5xx`, a timeout, a connection lost after sending: indeterminate;
 //! - a connection that could not even be opened: the request never left, nothing counted.
 
@@ -22,7 +27,13 @@ pub enum AttemptResult {
     /// `202`. `duplicates` counts the items Tally recognised as retries of an idempotency key it
     /// had already acknowledged (`"duplicate": true`, or a batch's `"duplicates"`).
     Acknowledged { duplicates: u64 },
-    /// A `4xx`: nothing was counted.
+    /// `409` `/problems/idempotency-key-in-flight`: another request with the same key was still
+    /// in flight. Nothing was counted; the same key may be sent again after `retry_after`.
+    KeyInFlight { retry_after: Option<Duration> },
+    /// `422` `/problems/idempotency-key-reused`: the key was first used for another counter or
+    /// amount. Nothing was counted.
+    KeyReused { detail: String },
+    /// Any other `4xx`: nothing was counted.
     Rejected { status: u16, detail: String },
     /// The connection could not be opened: the request was never sent, nothing was counted.
     NotSent { cause: String },
@@ -183,10 +194,7 @@ async fn classify_failure_status(response: reqwest::Response) -> AttemptResult {
         .map(Duration::from_secs);
     let detail = response.text().await.unwrap_or_default();
     if status.is_client_error() {
-        return AttemptResult::Rejected {
-            status: status.as_u16(),
-            detail,
-        };
+        return classify_client_error(status, detail, retry_after);
     }
     let cause = format!("HTTP {}", status.as_u16());
     let unexpected = (status != StatusCode::SERVICE_UNAVAILABLE).then(|| cause.clone());
@@ -194,6 +202,38 @@ async fn classify_failure_status(response: reqwest::Response) -> AttemptResult {
         cause,
         unexpected,
         retry_after,
+    }
+}
+
+/// Problem types of the idempotency answers, as Tally's problem+json `type` ends.
+const KEY_IN_FLIGHT_PROBLEM: &str = "/problems/idempotency-key-in-flight";
+const KEY_REUSED_PROBLEM: &str = "/problems/idempotency-key-reused";
+
+#[derive(Deserialize)]
+struct ProblemType {
+    #[serde(rename = "type")]
+    problem_type: String,
+}
+
+/// A `4xx`: nothing was counted. A `409` or `422` is told apart by its problem type, so a
+/// status reused for another problem one day is not mistaken for an idempotency answer.
+fn classify_client_error(
+    status: StatusCode,
+    detail: String,
+    retry_after: Option<Duration>,
+) -> AttemptResult {
+    let problem_type = serde_json::from_str::<ProblemType>(&detail)
+        .map(|problem| problem.problem_type)
+        .unwrap_or_default();
+    if status == StatusCode::CONFLICT && problem_type.ends_with(KEY_IN_FLIGHT_PROBLEM) {
+        return AttemptResult::KeyInFlight { retry_after };
+    }
+    if status == StatusCode::UNPROCESSABLE_ENTITY && problem_type.ends_with(KEY_REUSED_PROBLEM) {
+        return AttemptResult::KeyReused { detail };
+    }
+    AttemptResult::Rejected {
+        status: status.as_u16(),
+        detail,
     }
 }
 
@@ -220,5 +260,56 @@ fn transport_error_kind(error: &reqwest::Error) -> String {
         "timeout".to_owned()
     } else {
         "connection lost".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotency_answers_are_told_apart_by_their_problem_type() {
+        let in_flight =
+            r#"{"type":"/problems/idempotency-key-in-flight","title":"t","status":409}"#;
+        assert_eq!(
+            classify_client_error(
+                StatusCode::CONFLICT,
+                in_flight.to_owned(),
+                Some(Duration::from_secs(1))
+            ),
+            AttemptResult::KeyInFlight {
+                retry_after: Some(Duration::from_secs(1))
+            }
+        );
+        let reused = r#"{"type":"/problems/idempotency-key-reused","title":"t","status":422}"#;
+        assert_eq!(
+            classify_client_error(StatusCode::UNPROCESSABLE_ENTITY, reused.to_owned(), None),
+            AttemptResult::KeyReused {
+                detail: reused.to_owned()
+            }
+        );
+    }
+
+    #[test]
+    fn a_409_or_422_of_another_problem_is_a_plain_rejection() {
+        let other = r#"{"type":"/problems/something-else","status":409}"#;
+        assert_eq!(
+            classify_client_error(StatusCode::CONFLICT, other.to_owned(), None),
+            AttemptResult::Rejected {
+                status: 409,
+                detail: other.to_owned()
+            }
+        );
+        assert_eq!(
+            classify_client_error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "not json".to_owned(),
+                None
+            ),
+            AttemptResult::Rejected {
+                status: 422,
+                detail: "not json".to_owned()
+            }
+        );
     }
 }

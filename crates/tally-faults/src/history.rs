@@ -17,16 +17,29 @@ pub enum ClientMode {
     /// Every increment carries an `Idempotency-Key` and is retried with the same key until Tally
     /// acknowledges it, so the final value must equal the exact sum of every intended increment.
     RetryWithSameKey,
+    /// Every operation sends two requests with one fresh `Idempotency-Key` at the same moment:
+    /// for two counters, for two amounts of one counter, or the same increment twice. Each use is
+    /// sent once; the checker holds every `202` that was not a duplicate to exactly one count.
+    ConcurrentKeyReuse,
 }
 
 impl ClientMode {
-    pub const ALL: [ClientMode; 2] = [ClientMode::SingleAttempt, ClientMode::RetryWithSameKey];
+    /// Every mode runs in every scenario. The key-reuse mode too: racing claims matter most
+    /// when a fault hits the claim's own path (Redis paused or lost, so both racing uses may be
+    /// acknowledged and must then both count; Kafka slow, so the first use stays in flight and
+    /// the second gets `409`), and its counters cost the checker nothing extra.
+    pub const ALL: [ClientMode; 3] = [
+        ClientMode::SingleAttempt,
+        ClientMode::RetryWithSameKey,
+        ClientMode::ConcurrentKeyReuse,
+    ];
 
     /// The prefix of the counter names this mode's clients use.
     pub fn counter_prefix(self) -> &'static str {
         match self {
             ClientMode::SingleAttempt => "single-attempt",
             ClientMode::RetryWithSameKey => "retry-same-key",
+            ClientMode::ConcurrentKeyReuse => "key-reuse",
         }
     }
 }
@@ -114,6 +127,16 @@ pub enum FaultKind {
     /// SIGSTOP the Kafka broker past the produce timeout, then SIGCONT it: the broker appends
     /// records the producer already gave up on (`503`s that land, after their window closed).
     PauseKafka,
+    /// `SAVE` Redis, keep the load going, then `kill -9` it and start it again from that older
+    /// snapshot: everything written since the `SAVE` (deltas, summaries, closed windows,
+    /// idempotency claims) silently goes back in time, while the meta hash is still there.
+    RestartRedisFromSnapshot,
+    /// Fill Redis past a `maxmemory` limit under `allkeys-lru` so it evicts keys, Tally's among
+    /// them, and delete every key of a few counters now and then, as an eviction of exactly
+    /// those keys would; then lift the limit.
+    EvictRedisKeys,
+    /// `FLUSHALL`, start `tally replay`, and `FLUSHALL` again while the replay runs.
+    FlushRedisDuringReplay,
 }
 
 impl FaultKind {
@@ -121,21 +144,58 @@ impl FaultKind {
     /// PostgreSQL may lag by the length of the fault plus the aggregator's recovery.
     ///
     /// The Redis faults are here too: after each commit the aggregator copies summaries to Redis,
-    /// and a Redis that does not answer may hold it up. Only the ingest faults leave the
-    /// aggregation alone.
+    /// and a Redis that does not answer may hold it up; a Redis emptied or flushed also has the
+    /// aggregator rewrite every summary and run its own replay. These leave the aggregation
+    /// alone:
+    /// - the ingest faults;
+    /// - the restart from a snapshot. Its record spans the whole snapshot age (everything written
+    ///   since the `SAVE` is lost), but Redis is down only for the moment between the `kill -9`
+    ///   and `up.sh`, and a killed Redis refuses connections at once instead of hanging. Crediting
+    ///   the snapshot age as a stall would let a read show the snapshot's values unchecked, which
+    ///   is the very thing the fault is there to catch.
+    /// - the eviction. Redis answers throughout (`allkeys-lru` makes room for every write), so
+    ///   the aggregator commits as usual; a summary it finds evicted it rewrites from PostgreSQL
+    ///   after the commit. Crediting the eviction as a stall would excuse a read that lost an
+    ///   evicted summary's whole total for most of the scenario.
     pub fn stalls_aggregation(self) -> bool {
-        !matches!(self, FaultKind::SigtermIngest | FaultKind::KillIngest)
+        !matches!(
+            self,
+            FaultKind::SigtermIngest
+                | FaultKind::KillIngest
+                | FaultKind::RestartRedisFromSnapshot
+                | FaultKind::EvictRedisKeys
+        )
     }
 
-    /// Faults during which the ingest's `INCRBY` after the Kafka ack can fail. Tally still
-    /// answers `202`, and documents that reads then miss the increment until its window closes
-    /// and the aggregator has committed it (README, "If Redis fails in step 3").
+    /// Faults during which Redis can lose deltas of acknowledged increments: the ingest's
+    /// `INCRBY` after the Kafka ack fails (Tally still answers `202`), or the delta is written and
+    /// lost afterwards (evicted, flushed, or written after the snapshot Redis comes back from).
+    /// Tally documents that reads then miss the increment until its window closes and the
+    /// aggregator has committed it (README, "If Redis fails in step 3").
     pub fn may_drop_redis_deltas(self) -> bool {
-        matches!(self, FaultKind::RestartRedisEmpty | FaultKind::PauseRedis)
+        matches!(
+            self,
+            FaultKind::RestartRedisEmpty
+                | FaultKind::PauseRedis
+                | FaultKind::RestartRedisFromSnapshot
+                | FaultKind::EvictRedisKeys
+                | FaultKind::FlushRedisDuringReplay
+        )
     }
 
-    /// Faults that restart or pause a server of the suite's stack (Kafka, Redis, PostgreSQL).
-    /// Every scenario running at the time would feel them, so a scenario with one runs alone.
+    /// Faults that can also lose deltas written *before* they began, with nothing in Redis to
+    /// say so at once: an evicted delta key leaves no trace, unlike a restart or a flush, which
+    /// take the meta hash with them (so Tally knows at once that Redis lost its data). The
+    /// checker extends the delta-loss allowance back over the time a delta still matters to
+    /// reads. (A restart from a snapshot needs no such reach: its record begins at the `SAVE`,
+    /// and everything before the `SAVE` is in the snapshot.)
+    pub fn may_drop_redis_deltas_written_before_it(self) -> bool {
+        matches!(self, FaultKind::EvictRedisKeys)
+    }
+
+    /// Faults that restart, pause or change a server of the suite's stack (Kafka, Redis,
+    /// PostgreSQL). Every scenario running at the time would feel them, so a scenario with one
+    /// runs alone.
     pub fn hits_a_stack_server(self) -> bool {
         matches!(
             self,
@@ -144,6 +204,9 @@ impl FaultKind {
                 | FaultKind::RestartPostgres
                 | FaultKind::PauseRedis
                 | FaultKind::PauseKafka
+                | FaultKind::RestartRedisFromSnapshot
+                | FaultKind::EvictRedisKeys
+                | FaultKind::FlushRedisDuringReplay
         )
     }
 
@@ -158,6 +221,9 @@ impl FaultKind {
             FaultKind::PauseAggregator => "pause aggregator",
             FaultKind::PauseRedis => "pause redis",
             FaultKind::PauseKafka => "pause kafka",
+            FaultKind::RestartRedisFromSnapshot => "restart redis from snapshot",
+            FaultKind::EvictRedisKeys => "evict redis keys",
+            FaultKind::FlushRedisDuringReplay => "flush redis during replay",
         }
     }
 }
@@ -180,9 +246,18 @@ pub struct AttemptTally {
     pub indeterminate: u64,
     /// `202` answers that said `"duplicate": true`: a retry Tally recognised and counted once.
     pub duplicates_absorbed: u64,
-    /// Answers our valid requests should never get (`500`, `422`, a `4xx`, a duplicate on a
-    /// first attempt), by description.
+    /// `409` `/problems/idempotency-key-in-flight`: another use of the key was in flight, nothing
+    /// was counted. Also counted in `failed`.
+    pub key_in_flight: u64,
+    /// `422` `/problems/idempotency-key-reused`: the key was first used for another counter or
+    /// amount, nothing was counted. Also counted in `failed`.
+    pub key_reused: u64,
+    /// Answers our valid requests should never get (`500`, a `4xx`, a duplicate on a first
+    /// attempt), by description.
     pub unexpected: BTreeMap<String, u64>,
+    /// The key-reuse mode: how each pair of racing uses was answered, by description (for
+    /// example `two counters: 202 new + 409`), so the report shows the race was really run.
+    pub pair_answers: BTreeMap<String, u64>,
 }
 
 impl AttemptTally {
@@ -192,8 +267,13 @@ impl AttemptTally {
         self.failed += other.failed;
         self.indeterminate += other.indeterminate;
         self.duplicates_absorbed += other.duplicates_absorbed;
+        self.key_in_flight += other.key_in_flight;
+        self.key_reused += other.key_reused;
         for (what, count) in &other.unexpected {
             *self.unexpected.entry(what.clone()).or_default() += count;
+        }
+        for (what, count) in &other.pair_answers {
+            *self.pair_answers.entry(what.clone()).or_default() += count;
         }
     }
 

@@ -1,7 +1,7 @@
 //! The load generator: clients that increment and read a few counters, and record every
 //! operation with when it started, when it ended and what it came to.
 //!
-//! Each client belongs to one [`ClientMode`] and touches only that mode's counters, so the two
+//! Each client belongs to one [`ClientMode`] and touches only that mode's counters, so the
 //! modes run side by side in every scenario and are checked separately.
 
 use std::collections::BTreeMap;
@@ -13,8 +13,10 @@ use rand::rngs::StdRng;
 use rand::seq::IndexedRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 
+use crate::checker::Violation;
 use crate::client::{AttemptResult, BatchItem, TallyClient};
 use crate::history::{AttemptTally, ClientMode, IncrementOutcome, IncrementRecord, ReadRecord};
+use crate::key_reuse::{UseAnswer, draw_pair, resolve_pair, send_use};
 
 /// How much load, of which kind.
 #[derive(Debug, Clone)]
@@ -24,6 +26,9 @@ pub struct LoadSettings {
     /// Pause between two operations of one client, drawn uniformly from this range in
     /// milliseconds. It bounds the load so the suite stays gentle on a shared 2-core machine.
     pub think_time_ms: (u64, u64),
+    /// The same for the key-reuse mode, whose every increment operation is two requests: a
+    /// longer pause keeps its share of the load near the other modes'.
+    pub key_reuse_think_time_ms: (u64, u64),
     /// Share of operations that are reads.
     pub read_share: f64,
     /// Share of increments sent as a `POST /v1/increments` batch over several counters.
@@ -41,6 +46,7 @@ impl LoadSettings {
             clients_per_mode: 3,
             counters_per_mode: 3,
             think_time_ms: (5, 25),
+            key_reuse_think_time_ms: (20, 50),
             read_share: 0.25,
             batch_share: 0.1,
             max_by: 5,
@@ -65,6 +71,9 @@ pub struct ClientReport {
     pub attempts: AttemptTally,
     /// Failed reads by cause (a read that failed tells nothing about the count).
     pub read_errors: BTreeMap<String, u64>,
+    /// Rules an answer broke by itself, whatever the final values (a `"duplicate": true` for a
+    /// use unlike the key's other use, a `422` for a retry).
+    pub violations: Vec<Violation>,
 }
 
 /// One client's fixed inputs.
@@ -98,12 +107,18 @@ pub async fn run_client(setup: ClientSetup) -> ClientReport {
             reads: Vec::new(),
             attempts: AttemptTally::default(),
             read_errors: BTreeMap::new(),
+            violations: Vec::new(),
         },
         setup,
     };
+    let (low, high) = match client.setup.mode {
+        ClientMode::ConcurrentKeyReuse => client.setup.settings.key_reuse_think_time_ms,
+        ClientMode::SingleAttempt | ClientMode::RetryWithSameKey => {
+            client.setup.settings.think_time_ms
+        }
+    };
     while !client.setup.stop.load(Ordering::Relaxed) {
         client.one_operation().await;
-        let (low, high) = client.setup.settings.think_time_ms;
         let pause = client.rng.random_range(low..=high);
         tokio::time::sleep(Duration::from_millis(pause)).await;
     }
@@ -126,6 +141,10 @@ impl Client {
     async fn one_operation(&mut self) {
         if self.rng.random_bool(self.setup.settings.read_share) {
             self.read().await;
+            return;
+        }
+        if self.setup.mode == ClientMode::ConcurrentKeyReuse {
+            self.increment_twice_with_one_key().await;
             return;
         }
         let batch =
@@ -156,16 +175,41 @@ impl Client {
     }
 
     fn new_idempotency_key(&mut self) -> Option<String> {
-        match self.setup.mode {
-            ClientMode::SingleAttempt => None,
-            ClientMode::RetryWithSameKey => {
-                self.next_key += 1;
-                Some(format!(
-                    "{}-c{}-{}",
-                    self.setup.key_prefix, self.setup.index, self.next_key
-                ))
+        let mode_letter = match self.setup.mode {
+            ClientMode::SingleAttempt => return None,
+            ClientMode::RetryWithSameKey => 'c',
+            ClientMode::ConcurrentKeyReuse => 'r',
+        };
+        self.next_key += 1;
+        Some(format!(
+            "{}-{mode_letter}{}-{}",
+            self.setup.key_prefix, self.setup.index, self.next_key
+        ))
+    }
+
+    /// The key-reuse mode's increment: two uses of one fresh key at the same moment, each sent
+    /// once (see [`crate::key_reuse`]).
+    async fn increment_twice_with_one_key(&mut self) {
+        let key = self
+            .new_idempotency_key()
+            .expect("the key-reuse mode should always have a key");
+        let (shape, uses) = draw_pair(&mut self.rng, &self.counters, self.setup.settings.max_by);
+        let tally = &self.setup.tally;
+        let clock = self.setup.clock;
+        let key_str = key.as_str();
+        let answer_of = |key_use| async move {
+            let result = send_use(tally, key_str, key_use).await;
+            UseAnswer {
+                result,
+                completed_at: clock.elapsed(),
             }
-        }
+        };
+        let invoked_at = self.now();
+        let (first, second) = tokio::join!(answer_of(&uses[0]), answer_of(&uses[1]));
+        let resolved = resolve_pair(shape, &key, &uses, &[first, second], invoked_at);
+        self.report.attempts.merge(&resolved.attempts);
+        self.report.increments.extend(resolved.increments);
+        self.report.violations.extend(resolved.violations);
     }
 
     async fn read(&mut self) {
@@ -228,16 +272,48 @@ impl Client {
                         acked_at: self.now(),
                     };
                 }
+                AttemptResult::KeyInFlight { retry_after } => {
+                    // An earlier attempt with this key is still in flight (it timed out here but
+                    // not yet in Tally). Nothing was counted; the retry mode keeps retrying with
+                    // the same key until Tally acknowledges it.
+                    attempts.failed += item_count;
+                    attempts.key_in_flight += item_count;
+                    if attempt_number == 1 {
+                        // Every key is fresh: nothing else can hold it.
+                        attempts
+                            .note_unexpected("409 key in flight on a first attempt", item_count);
+                    }
+                    if !retries {
+                        break outcome_after_refusal(sent_maybe_counted);
+                    }
+                    retry_after
+                        .unwrap_or(Duration::from_millis(200))
+                        .min(Duration::from_secs(1))
+                }
+                AttemptResult::KeyReused { detail } => {
+                    // This client never changes a key's counter or amount: every attempt is
+                    // exactly the key's first use, so a 422 is wrong. Retrying cannot help.
+                    attempts.failed += item_count;
+                    attempts.key_reused += item_count;
+                    self.report
+                        .violations
+                        .push(Violation::IdenticalUseRefusedAsReused {
+                            counter: items
+                                .iter()
+                                .map(|item| item.counter.as_str())
+                                .collect::<Vec<_>>()
+                                .join(","),
+                            answered_at: self.setup.clock.elapsed(),
+                            detail,
+                        });
+                    break outcome_after_refusal(sent_maybe_counted);
+                }
                 AttemptResult::Rejected { status, .. } => {
-                    // Every request of the workload is valid, so any 4xx is worth reporting
-                    // (a 422 here means a retry with the same key was refused).
+                    // Every request of the workload is valid, so any other 4xx is worth
+                    // reporting.
                     attempts.failed += item_count;
                     attempts.note_unexpected(format!("HTTP {status} on an increment"), item_count);
-                    break if sent_maybe_counted {
-                        IncrementOutcome::Indeterminate
-                    } else {
-                        IncrementOutcome::Failed
-                    };
+                    break outcome_after_refusal(sent_maybe_counted);
                 }
                 AttemptResult::NotSent { .. } => {
                     attempts.failed += item_count;
@@ -268,11 +344,7 @@ impl Client {
                 }
             };
             if self.now() >= give_up_at {
-                break if sent_maybe_counted {
-                    IncrementOutcome::Indeterminate
-                } else {
-                    IncrementOutcome::Failed
-                };
+                break outcome_after_refusal(sent_maybe_counted);
             }
             tokio::time::sleep(pause_before_retry).await;
         };
@@ -284,5 +356,15 @@ impl Client {
                 outcome,
             });
         }
+    }
+}
+
+/// What an increment comes to when its last attempt counted nothing: indeterminate if an
+/// earlier attempt may have landed, else failed.
+fn outcome_after_refusal(sent_maybe_counted: bool) -> IncrementOutcome {
+    if sent_maybe_counted {
+        IncrementOutcome::Indeterminate
+    } else {
+        IncrementOutcome::Failed
     }
 }

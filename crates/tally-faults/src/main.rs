@@ -91,7 +91,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let mut scenarios = all_scenarios(length, seed);
     if cli.list {
         for scenario in &scenarios {
-            println!("{:<20} {}", scenario.name, scenario.description);
+            println!("{:<28} {}", scenario.name, scenario.description);
         }
         return Ok(true);
     }

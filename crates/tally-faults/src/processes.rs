@@ -32,6 +32,8 @@ pub struct TallySettings {
     /// A pid file per running process, so `deploy/faults.sh` can stop our processes by pid if
     /// this binary itself dies.
     pub pid_dir: PathBuf,
+    /// `TALLY_AGGREGATOR_MAX_PENDING` for the scenario's processes; `None` leaves Tally's default.
+    pub aggregator_max_pending: Option<u64>,
 }
 
 impl TallySettings {
@@ -46,6 +48,38 @@ impl TallySettings {
         ]
         .into_iter()
         .flat_map(|(flag, value)| [flag.to_owned(), value])
+        .collect()
+    }
+
+    /// Starts `tally replay` with the scenario's stores and pipeline settings (those the
+    /// aggregators run with, so it waits for the right group and windows). Its progress goes to
+    /// stdout, which the caller reads; its log to `replay.log`.
+    pub fn start_replay(&self) -> anyhow::Result<Child> {
+        let log = open_log(&self.log_dir.join("replay.log"))?;
+        tally_command(&self.binary)
+            .arg("replay")
+            .args(self.store_args())
+            .args(self.pipeline_args())
+            .arg("--aggregator-group")
+            .arg(&self.aggregator_group)
+            .env("TALLY_LOG", "info,sqlx=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {} replay", self.binary.display()))
+    }
+
+    /// The window, produce timeout and clock skew every process (and the checker) agrees on.
+    fn pipeline_args(&self) -> Vec<String> {
+        [
+            ("--window-ms", self.timing.window),
+            ("--produce-timeout-ms", self.timing.produce_timeout),
+            ("--clock-skew-ms", self.timing.clock_skew),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_owned(), value.as_millis().to_string()])
         .collect()
     }
 
@@ -128,7 +162,8 @@ impl TallyProcess {
         self.settings.log_dir.join(format!("{}.log", self.name))
     }
 
-    fn pid_path(&self) -> PathBuf {
+    /// The pid file of the running process (rewritten on every start).
+    pub fn pid_path(&self) -> PathBuf {
         self.settings.pid_dir.join(format!("{}.pid", self.name))
     }
 
@@ -150,14 +185,9 @@ impl TallyProcess {
             .arg("--http-addr")
             .arg(format!("127.0.0.1:{}", self.http_port))
             .args(self.settings.store_args())
-            .arg("--window-ms")
-            .arg(timing.window.as_millis().to_string())
+            .args(self.settings.pipeline_args())
             .arg("--aggregator-group")
             .arg(&self.settings.aggregator_group)
-            .arg("--produce-timeout-ms")
-            .arg(timing.produce_timeout.as_millis().to_string())
-            .arg("--clock-skew-ms")
-            .arg(timing.clock_skew.as_millis().to_string())
             .arg("--read-cache-ttl-ms")
             .arg(timing.read_cache_ttl.as_millis().to_string())
             .arg("--migrate-on-start")
@@ -172,6 +202,12 @@ impl TallyProcess {
             .stderr(log)
             // If this binary dies, its Tally processes must not outlive it.
             .kill_on_drop(true);
+        if let Some(max_pending) = self.settings.aggregator_max_pending {
+            // A variable rather than `--aggregator-max-pending`: a Tally that predates the
+            // setting ignores it and still starts (and then fails the memory bound, which is
+            // the finding), where an unknown flag would stop it at once.
+            command.env("TALLY_AGGREGATOR_MAX_PENDING", max_pending.to_string());
+        }
         let child = command
             .spawn()
             .with_context(|| format!("starting {}", self.settings.binary.display()))?;

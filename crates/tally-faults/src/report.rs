@@ -4,7 +4,8 @@
 use std::fmt::Write as _;
 
 use crate::history::{ClientMode, seconds};
-use crate::runner::{ModeResult, ScenarioResult};
+use crate::runner::{MemoryResult, ModeResult, ScenarioResult};
+use crate::wide::WideResult;
 
 /// The most violations printed per scenario and mode; the count in the verdict is complete.
 const VIOLATIONS_SHOWN: usize = 8;
@@ -33,13 +34,20 @@ pub fn markdown(results: &[ScenarioResult], header: &str) -> String {
         for mode in &result.modes {
             let _ = writeln!(out, "{}", row(result, mode));
         }
+        if let Some(wide) = &result.wide {
+            let _ = writeln!(out, "{}", wide_row(result, wide));
+        }
+        if let Some(memory) = &result.memory {
+            let _ = writeln!(out, "{}", memory_row(result, memory));
+        }
     }
     let _ = writeln!(out);
     let _ = writeln!(
         out,
         "`increments`, `ok`, `failed`, `indeterminate` count attempts (a batch counts once per item; a retry is another attempt). \
          `expected` is the range the final PostgreSQL value must lie in (`=` when every increment was retried with its Idempotency-Key until acknowledged). \
-         Values are summed over the mode's counters; each counter is checked on its own."
+         Values are summed over the mode's counters; each counter is checked on its own. \
+         `wide batches` rows sum 100,000 names, each checked on its own in PostgreSQL only; `aggregator memory` rows compare the aggregator's peak VmRSS during and after the PostgreSQL outage with its bound."
     );
     for result in results {
         details(&mut out, result);
@@ -50,7 +58,7 @@ pub fn markdown(results: &[ScenarioResult], header: &str) -> String {
 fn row(result: &ScenarioResult, mode: &ModeResult) -> String {
     let attempts = &mode.attempts;
     let expected = match mode.mode {
-        ClientMode::SingleAttempt => {
+        ClientMode::SingleAttempt | ClientMode::ConcurrentKeyReuse => {
             format!("{}..={}", mode.sums.acknowledged, mode.sums.upper_bound())
         }
         ClientMode::RetryWithSameKey => format!("= {}", mode.sums.intended),
@@ -82,6 +90,61 @@ fn row(result: &ScenarioResult, mode: &ModeResult) -> String {
         optional(mode.read),
         lag,
         verdict
+    )
+}
+
+fn wide_row(result: &ScenarioResult, wide: &WideResult) -> String {
+    let check = &wide.check;
+    let verdict = if !check.violations.is_empty() {
+        format!("FAIL ({} violations)", check.violations.len())
+    } else if !result.drained {
+        "FAIL (not drained)".to_owned()
+    } else {
+        "ok".to_owned()
+    };
+    format!(
+        "| {} | wide batches | {} | {} | {} | {} | {} | 0 | {}..={} | {} | — | — | — | {} |",
+        result.name,
+        wide.attempts.attempts,
+        wide.attempts.acknowledged,
+        wide.attempts.failed,
+        wide.attempts.indeterminate,
+        wide.attempts.duplicates_absorbed,
+        check.acknowledged_sum,
+        check.acknowledged_sum + check.indeterminate_sum,
+        check.postgres_sum,
+        verdict
+    )
+}
+
+fn memory_row(result: &ScenarioResult, memory: &MemoryResult) -> String {
+    let mib =
+        |kib: Option<u64>| kib.map_or_else(|| "—".to_owned(), |kib| format!("{} MiB", kib / 1024));
+    let limit = memory.peaks.before.map_or_else(
+        || "—".to_owned(),
+        |before| {
+            format!(
+                "≤ {} MiB",
+                before / 1024 + memory.bound.rss_growth_limit_mib
+            )
+        },
+    );
+    let worst = memory
+        .peaks
+        .during
+        .into_iter()
+        .chain(memory.peaks.after)
+        .max();
+    let verdict = if result.failures.is_empty() {
+        "ok"
+    } else {
+        "FAIL (memory bound)"
+    };
+    format!(
+        "| {} | aggregator memory | | | | | | | {limit} | peak {} (before {}) | | | | {verdict} |",
+        result.name,
+        mib(worst),
+        mib(memory.peaks.before)
     )
 }
 
@@ -120,7 +183,49 @@ fn details(out: &mut String, result: &ScenarioResult) {
     for note in &result.notes {
         let _ = writeln!(out, "- note: {note}");
     }
+    if let Some(memory) = &result.memory {
+        let mib = |kib: Option<u64>| {
+            kib.map_or_else(|| "—".to_owned(), |kib| format!("{} MiB", kib / 1024))
+        };
+        let _ = writeln!(
+            out,
+            "- aggregator VmRSS peaks ({} samples, TALLY_AGGREGATOR_MAX_PENDING={}, bound: peak before + {} MiB): before the outage {}, during {}, after {}",
+            memory.samples,
+            memory.bound.max_pending_rows,
+            memory.bound.rss_growth_limit_mib,
+            mib(memory.peaks.before),
+            mib(memory.peaks.during),
+            mib(memory.peaks.after)
+        );
+    }
+    for failure in &result.failures {
+        let _ = writeln!(out, "- FAILED: {failure}");
+    }
+    if let Some(wide) = &result.wide {
+        wide_details(out, wide);
+    }
     for mode in &result.modes {
+        let attempts = &mode.attempts;
+        if attempts.key_in_flight > 0 || attempts.key_reused > 0 {
+            let _ = writeln!(
+                out,
+                "- {}: 409 key in flight × {}, 422 key reused × {} (nothing counted)",
+                mode.mode, attempts.key_in_flight, attempts.key_reused
+            );
+        }
+        if !attempts.pair_answers.is_empty() {
+            let answers: Vec<String> = attempts
+                .pair_answers
+                .iter()
+                .map(|(answer, count)| format!("{answer} × {count}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "- {}: pairs answered {}",
+                mode.mode,
+                answers.join("; ")
+            );
+        }
         for (what, count) in &mode.attempts.unexpected {
             let _ = writeln!(out, "- {}: unexpected answer: {what} × {count}", mode.mode);
         }
@@ -143,6 +248,37 @@ fn details(out: &mut String, result: &ScenarioResult) {
                 mode.violations.len() - VIOLATIONS_SHOWN
             );
         }
+    }
+}
+
+fn wide_details(out: &mut String, wide: &WideResult) {
+    let check = &wide.check;
+    let _ = writeln!(
+        out,
+        "- wide batches: {} clients × batches of {} over {} names: {} batches acknowledged, {} failed, {} indeterminate; {} names acknowledged; PostgreSQL sum {} (acknowledged {}, indeterminate {})",
+        wide.load.clients,
+        wide.load.batch_items,
+        wide.load.names,
+        wide.batches.acknowledged,
+        wide.batches.failed,
+        wide.batches.indeterminate,
+        check.names_acknowledged,
+        check.postgres_sum,
+        check.acknowledged_sum,
+        check.indeterminate_sum
+    );
+    for (what, count) in &wide.attempts.unexpected {
+        let _ = writeln!(out, "- wide batches: unexpected answer: {what} × {count}");
+    }
+    for violation in check.violations.iter().take(VIOLATIONS_SHOWN) {
+        let _ = writeln!(out, "- wide batches: VIOLATION {violation}");
+    }
+    if check.violations.len() > VIOLATIONS_SHOWN {
+        let _ = writeln!(
+            out,
+            "- wide batches: … and {} more violations",
+            check.violations.len() - VIOLATIONS_SHOWN
+        );
     }
 }
 

@@ -1,5 +1,6 @@
 //! Runs one scenario: fresh Tally processes on a fresh database, topic, consumer group and
-//! Redis prefix; load from both client modes; the scenario's faults; the drain; the checks.
+//! Redis prefix; load from every client mode (and the wide load, where the scenario has one);
+//! the scenario's faults; the drain; the checks.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,11 +17,18 @@ use crate::checker::{
 };
 use crate::client::TallyClient;
 use crate::drain::{KafkaProgress, drain};
-use crate::history::{AttemptTally, ClientMode, FaultRecord, seconds};
+use crate::history::{AttemptTally, ClientMode, FaultKind, FaultRecord, seconds};
 use crate::load::{ClientReport, ClientSetup, LoadSettings, counter_names, run_client};
+use crate::memory::{AggregatorMemoryBound, RssPeaks, RssSample, bound_broken, peaks, sample_rss};
 use crate::processes::{RoleSet, TallyProcess, TallySettings, wait_until_serving};
+use crate::redis_faults::{
+    EvictionTargets, evict_redis_keys, flush_redis_during_replay, restart_redis_from_snapshot,
+};
 use crate::scenarios::{FaultAction, Scenario};
 use crate::stack::{Service, Stack};
+use crate::wide::{
+    WIDE_NAME_PATTERN, WideClientSetup, WideResult, WideTally, check_wide_totals, run_wide_client,
+};
 
 /// How long a fresh Tally may take to serve reads from Redis: migrations are done, but the
 /// aggregator must join its group, run the first replay and close a first window.
@@ -77,13 +85,32 @@ pub struct ScenarioResult {
     /// The harness itself failed (a fault could not be injected, Tally did not start).
     pub harness_error: Option<String>,
     pub elapsed: Duration,
+    /// The wide load and its final check, where the scenario has one.
+    pub wide: Option<WideResult>,
+    /// The aggregator's memory around the PostgreSQL outage, where the scenario bounds it.
+    pub memory: Option<MemoryResult>,
+    /// Checks other than the counting rules that failed (the aggregator's memory bound).
+    pub failures: Vec<String>,
+}
+
+/// The aggregator's `VmRSS` peaks around the outage, and the bound they were held to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryResult {
+    pub bound: AggregatorMemoryBound,
+    pub peaks: RssPeaks,
+    pub samples: usize,
 }
 
 impl ScenarioResult {
     pub fn passed(&self) -> bool {
         self.harness_error.is_none()
             && self.drained
+            && self.failures.is_empty()
             && self.modes.iter().all(|mode| mode.violations.is_empty())
+            && self
+                .wide
+                .as_ref()
+                .is_none_or(|wide| wide.check.violations.is_empty())
     }
 }
 
@@ -101,6 +128,9 @@ pub async fn run_scenario(suite: &Suite, scenario: &Scenario) -> ScenarioResult 
         drain_waited: Duration::ZERO,
         harness_error: None,
         elapsed: Duration::ZERO,
+        wide: None,
+        memory: None,
+        failures: Vec::new(),
     };
     if let Err(error) = run_and_check(suite, scenario, &mut result).await {
         result.harness_error = Some(format!("{error:#}"));
@@ -202,6 +232,9 @@ async fn run_and_check(
         timing: suite.timing,
         log_dir: scenario_dir,
         pid_dir,
+        aggregator_max_pending: scenario
+            .aggregator_memory
+            .map(|bound| bound.max_pending_rows),
     };
     settings.migrate().await?;
     let mut processes = Processes::start(&settings, scenario.aggregators).await?;
@@ -210,9 +243,32 @@ async fn run_and_check(
         .await
         .with_context(|| format!("see the logs in {}", settings.log_dir.display()))?;
 
-    // The load, from both modes at once, while the faults run.
+    // The load, from every mode at once, while the faults run.
     let clock = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
+    let stop_sampling = Arc::new(AtomicBool::new(false));
+    let _stop_sampling_on_any_exit = SetOnDrop(Arc::clone(&stop_sampling));
+    // Sampled through the drain too: the catch-up after an outage is when a commit of
+    // everything held at once would show.
+    let memory_sampler = scenario.aggregator_memory.map(|_| {
+        tokio::spawn(sample_rss(
+            processes.aggregators[0].pid_path(),
+            settings.binary.clone(),
+            clock,
+            Arc::clone(&stop_sampling),
+        ))
+    });
+    let mut wide_clients = Vec::new();
+    if let Some(load) = scenario.wide_load {
+        for index in 0..load.clients {
+            wide_clients.push(tokio::spawn(run_wide_client(WideClientSetup {
+                index,
+                load,
+                tally: tally.clone(),
+                stop: Arc::clone(&stop),
+            })));
+        }
+    }
     let mut clients = Vec::new();
     for mode in ClientMode::ALL {
         for index in 0..suite.load.clients_per_mode {
@@ -228,11 +284,27 @@ async fn run_and_check(
             })));
         }
     }
-    let faults_outcome = run_faults(suite, scenario, &mut processes, &tally, clock, result).await;
+    let faults_outcome = run_faults(
+        suite,
+        scenario,
+        &settings,
+        &mut processes,
+        &tally,
+        clock,
+        result,
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     let mut reports = Vec::new();
     for client in clients {
         reports.push(client.await.context("a load client panicked")?);
+    }
+    let mut wide_sent = scenario.wide_load.map(|load| WideTally::new(load.names));
+    for client in wide_clients {
+        let sent = client.await.context("a wide load client panicked")?;
+        if let Some(wide_sent) = &mut wide_sent {
+            wide_sent.merge(&sent);
+        }
     }
     faults_outcome?;
     processes.restart_the_exited(clock, &mut result.notes)?;
@@ -257,7 +329,7 @@ async fn run_and_check(
         &kafka,
         &all_counters,
         suite.timing.window,
-        suite.drain_timeout,
+        suite.drain_timeout + scenario.extra_drain_time,
     )
     .await;
     result.drained = drained.drained;
@@ -269,8 +341,28 @@ async fn run_and_check(
         ));
     }
     processes.restart_the_exited(clock, &mut result.notes)?;
+    stop_sampling.store(true, Ordering::Relaxed);
+    if let (Some(load), Some(sent)) = (scenario.wide_load, &wide_sent) {
+        // One query for every wide name, after the drain (every Kafka record applied).
+        let totals: Vec<(String, i64)> =
+            sqlx::query_as("SELECT name, total FROM counters WHERE name LIKE $1")
+                .bind(WIDE_NAME_PATTERN)
+                .fetch_all(&pool)
+                .await
+                .context("reading the wide names' totals")?;
+        result.wide = Some(WideResult {
+            load,
+            batches: sent.batches,
+            attempts: sent.attempts.clone(),
+            check: check_wide_totals(sent, &totals),
+        });
+    }
     processes.stop_all(&mut result.notes).await;
     pool.close().await;
+    if let (Some(bound), Some(sampler)) = (scenario.aggregator_memory, memory_sampler) {
+        let samples = sampler.await.context("the memory sampler panicked")?;
+        check_memory(bound, &samples, result);
+    }
 
     let allowances = StalenessAllowances::for_timing(&suite.timing);
     for mode in ClientMode::ALL {
@@ -284,6 +376,38 @@ async fn run_and_check(
         ));
     }
     Ok(())
+}
+
+/// Sets its flag when dropped, so a task it stops ends on every way out of a function.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Holds the aggregator's memory peaks around the scenario's PostgreSQL outage to `bound`.
+fn check_memory(bound: AggregatorMemoryBound, samples: &[RssSample], result: &mut ScenarioResult) {
+    let Some(outage) = result
+        .faults
+        .iter()
+        .find(|fault| fault.kind == FaultKind::RestartPostgres)
+    else {
+        result
+            .failures
+            .push("no PostgreSQL outage to hold the aggregator's memory against".to_owned());
+        return;
+    };
+    let peaks = peaks(samples, outage.started_at, outage.healed_at);
+    if let Some(why) = bound_broken(&peaks, &bound) {
+        result.failures.push(why);
+    }
+    result.memory = Some(MemoryResult {
+        bound,
+        peaks,
+        samples: samples.len(),
+    });
 }
 
 /// Creates the scenario's database, owned by `tally`, next to the stack's `tally` database.
@@ -306,6 +430,7 @@ async fn create_database(stack: &Stack, database: &str) -> anyhow::Result<()> {
 async fn run_faults(
     suite: &Suite,
     scenario: &Scenario,
+    settings: &TallySettings,
     processes: &mut Processes,
     tally: &TallyClient,
     clock: Instant,
@@ -321,7 +446,15 @@ async fn run_faults(
         )
         .await?;
         let started_at = clock.elapsed();
-        perform(suite, step.action, processes, tally, &mut result.notes).await?;
+        perform(
+            suite,
+            step.action,
+            settings,
+            processes,
+            tally,
+            &mut result.notes,
+        )
+        .await?;
         last_healed = clock.elapsed();
         result.faults.push(FaultRecord {
             kind: step.action.kind(),
@@ -355,6 +488,7 @@ async fn supervise_until(
 async fn perform(
     suite: &Suite,
     action: FaultAction,
+    settings: &TallySettings,
     processes: &mut Processes,
     tally: &TallyClient,
     notes: &mut Vec<String>,
@@ -407,6 +541,38 @@ async fn perform(
             tokio::time::sleep(paused_for).await;
             stack.resume(Service::Kafka).await?;
         }
+        FaultAction::RestartRedisFromSnapshot {
+            snapshot_age,
+            down_for,
+        } => restart_redis_from_snapshot(stack, snapshot_age, down_for, notes).await?,
+        FaultAction::EvictRedisKeys {
+            filler_bytes,
+            evicting_for,
+        } => {
+            let targets = EvictionTargets {
+                redis_prefix: settings.redis_prefix.clone(),
+                // One counter of each mode, so every mode's rules meet a counter whose keys
+                // are all gone.
+                counters: ClientMode::ALL
+                    .iter()
+                    .filter_map(|mode| {
+                        counter_names(*mode, suite.load.counters_per_mode)
+                            .into_iter()
+                            .nth(1)
+                    })
+                    .collect(),
+            };
+            evict_redis_keys(stack, filler_bytes, evicting_for, &targets, notes).await?
+        }
+        FaultAction::FlushRedisDuringReplay {
+            second_flush_after,
+            third_flush_after,
+        } => {
+            let flush_again_after: Vec<Duration> = std::iter::once(second_flush_after)
+                .chain(third_flush_after)
+                .collect();
+            flush_redis_during_replay(stack, settings, &flush_again_after, notes).await?
+        }
     }
     Ok(())
 }
@@ -458,6 +624,7 @@ fn check_mode(
     };
     for report in &reports {
         result.attempts.merge(&report.attempts);
+        result.violations.extend(report.violations.iter().cloned());
         result.reads += report.reads.len();
         for (cause, count) in &report.read_errors {
             *result.read_errors.entry(cause.clone()).or_default() += count;

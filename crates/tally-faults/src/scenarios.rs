@@ -1,4 +1,6 @@
-//! The scenarios: one per fault, a baseline without faults, and one that mixes them all.
+//! The scenarios: one per fault, a baseline without faults, one for racing uses of one
+//! idempotency key, one for a long PostgreSQL outage under load over 100,000 names, and one that
+//! mixes every fault.
 //!
 //! A scenario is a list of fault steps run one after the other while the load goes on. Each
 //! step waits `gap_before` after the previous step healed (or after the load started), so slow
@@ -11,6 +13,8 @@ use rand::seq::SliceRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 
 use crate::history::FaultKind;
+use crate::memory::AggregatorMemoryBound;
+use crate::wide::WideLoad;
 
 /// One fault, with how long it lasts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +51,24 @@ pub enum FaultAction {
     PauseKafka {
         paused_for: Duration,
     },
+    /// `SAVE` Redis, `kill -9` it `snapshot_age` later, and start it `down_for` after that from
+    /// the snapshot.
+    RestartRedisFromSnapshot {
+        snapshot_age: Duration,
+        down_for: Duration,
+    },
+    /// Write `filler_bytes` of filler keys, then hold Redis under a `maxmemory` limit with
+    /// `allkeys-lru` for `evicting_for`, deleting every key of a counter now and then.
+    EvictRedisKeys {
+        filler_bytes: u64,
+        evicting_for: Duration,
+    },
+    /// `FLUSHALL`, start `tally replay`, `FLUSHALL` again `second_flush_after` later and, when
+    /// set, once more `third_flush_after` after that; wait for the replay to end.
+    FlushRedisDuringReplay {
+        second_flush_after: Duration,
+        third_flush_after: Option<Duration>,
+    },
 }
 
 impl FaultAction {
@@ -61,6 +83,9 @@ impl FaultAction {
             FaultAction::PauseAggregator { .. } => FaultKind::PauseAggregator,
             FaultAction::PauseRedis { .. } => FaultKind::PauseRedis,
             FaultAction::PauseKafka { .. } => FaultKind::PauseKafka,
+            FaultAction::RestartRedisFromSnapshot { .. } => FaultKind::RestartRedisFromSnapshot,
+            FaultAction::EvictRedisKeys { .. } => FaultKind::EvictRedisKeys,
+            FaultAction::FlushRedisDuringReplay { .. } => FaultKind::FlushRedisDuringReplay,
         }
     }
 }
@@ -82,6 +107,14 @@ pub struct Scenario {
     pub min_load: Duration,
     /// ...and at least this long after the last fault healed, so recovery happens under load.
     pub load_after_faults: Duration,
+    /// Batches over many names beside the modes' clients, where the aggregator's memory is the
+    /// point; checked on their own after the drain.
+    pub wide_load: Option<WideLoad>,
+    /// The aggregator's memory bound, checked around the scenario's PostgreSQL outage.
+    pub aggregator_memory: Option<AggregatorMemoryBound>,
+    /// Added to the suite's drain timeout: the backlog of a long outage under a heavy load has
+    /// to be caught up first.
+    pub extra_drain_time: Duration,
 }
 
 impl Scenario {
@@ -119,6 +152,43 @@ const LOAD_THROUGH_AGGREGATOR_TAKEOVER: Duration = Duration::from_secs(14);
 /// report): increments time out with `503` while the stopped broker still holds their records,
 /// which it appends when it continues, after their window was due to close.
 const PAUSE_PAST_PRODUCE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// How old the snapshot Redis restarts from is. Longer than the checker's stale allowance
+/// (`StalenessAllowances::stale_read`, 8.2 s with the suite's timing) with room to spare: a read
+/// that shows the snapshot's values misses increments acknowledged longer ago than any read may
+/// lag, flagged stale or not, so the checker catches it. (A test below keeps it so.)
+const SNAPSHOT_AGE: Duration = Duration::from_secs(12);
+
+/// After a fault that changes what Redis holds, Tally must notice, answer from PostgreSQL, and
+/// heal Redis (the aggregator's own replay waits for a few windows to close). The load, and its
+/// reads, go on this long so that whole stretch is checked.
+const LOAD_THROUGH_REDIS_HEAL: Duration = Duration::from_secs(8);
+
+/// Load before the first eviction or flush. For the eviction: longer than the checker's reach
+/// back over deltas an eviction may lose (the stale allowance, 8.2 s), so every counter has
+/// increments no eviction excuses, and a read that lost them with an evicted summary is caught.
+/// For the flush: long enough for PostgreSQL to hold totals the replay must rebuild.
+const HISTORY_BEFORE_REDIS_LOSS_MS: u64 = 10_000;
+
+/// Filler for the eviction fault: several MiB, so half of it under the limit leaves Redis a few
+/// MiB to evict from, the scenario's own keys being well under 1 MiB.
+const EVICTION_FILLER_BYTES: u64 = 8 * 1024 * 1024;
+
+/// The wide load: 100,000 names, two clients sending batches of 500 items of 1. On this 2-core
+/// machine a debug build takes about 12,000 items a second, so every name is touched every ten
+/// seconds or so and each window holds thousands of distinct counters.
+const WIDE_LOAD: WideLoad = WideLoad {
+    names: 100_000,
+    batch_items: 500,
+    clients: 2,
+    pause_between_batches: Duration::from_millis(20),
+};
+
+/// How far the aggregator may grow through the PostgreSQL outage. See `postgres-down-wide`.
+const WIDE_OUTAGE_MEMORY: AggregatorMemoryBound = AggregatorMemoryBound {
+    max_pending_rows: 50_000,
+    rss_growth_limit_mib: 192,
+};
 
 fn millis(value: u64) -> Duration {
     Duration::from_millis(value)
@@ -160,6 +230,9 @@ pub fn all_scenarios(length: SuiteLength, seed: u64) -> Vec<Scenario> {
         steps,
         min_load,
         load_after_faults,
+        wide_load: None,
+        aggregator_memory: None,
+        extra_drain_time: Duration::ZERO,
     };
 
     let kill_aggregator = FaultAction::KillAggregator {
@@ -306,6 +379,59 @@ pub fn all_scenarios(length: SuiteLength, seed: u64) -> Vec<Scenario> {
                 (3_000, 8_000),
             ),
         ),
+        Scenario {
+            // More pairs than the baseline gives: with every store up, nothing but the claim
+            // itself can explain a lost or doubled use.
+            min_load: min_load.max(millis(10_000)),
+            ..scenario(
+                "key-reuse",
+                "no fault: two uses of one fresh Idempotency-Key at once, for two counters, two amounts or the same increment (the key-reuse mode also runs in every other scenario)",
+                1,
+                vec![],
+            )
+        },
+        Scenario {
+            load_after_faults: load_after_faults.max(LOAD_THROUGH_REDIS_HEAL),
+            ..scenario(
+                "restart-redis-from-snapshot",
+                "SAVE redis, 12 s of load, kill -9 it and start it from that older snapshot",
+                1,
+                repeated(
+                    FaultAction::RestartRedisFromSnapshot {
+                        snapshot_age: SNAPSHOT_AGE,
+                        down_for: millis(500),
+                    },
+                    1_000,
+                    (3_000, 8_000),
+                ),
+            )
+        },
+        Scenario {
+            load_after_faults: load_after_faults.max(LOAD_THROUGH_REDIS_HEAL),
+            ..scenario(
+                "evict-redis-keys",
+                "fill redis with 8 MiB, hold it under maxmemory with allkeys-lru so it evicts, and delete every key of a counter each second, then lift the limit",
+                1,
+                repeated(
+                    FaultAction::EvictRedisKeys {
+                        filler_bytes: EVICTION_FILLER_BYTES,
+                        evicting_for: if short { millis(4_000) } else { millis(8_000) },
+                    },
+                    HISTORY_BEFORE_REDIS_LOSS_MS,
+                    (3_000, 8_000),
+                ),
+            )
+        },
+        Scenario {
+            load_after_faults: load_after_faults.max(LOAD_THROUGH_REDIS_HEAL),
+            ..scenario(
+                "flush-redis-during-replay",
+                "FLUSHALL, start tally replay, FLUSHALL again tens to hundreds of ms into it (sometimes twice), wait for it to end",
+                1,
+                flush_during_replay_steps(&mut rng, repeats),
+            )
+        },
+        postgres_down_wide_scenario(short, load_after_faults),
         mixed_scenario(
             &mut rng,
             short,
@@ -313,6 +439,77 @@ pub fn all_scenarios(length: SuiteLength, seed: u64) -> Vec<Scenario> {
             load_after_faults.max(LOAD_THROUGH_AGGREGATOR_TAKEOVER),
         ),
     ]
+}
+
+/// `repeats` flushes during a replay, each with its own random delays.
+fn flush_during_replay_steps(rng: &mut StdRng, repeats: usize) -> Vec<FaultStep> {
+    (0..repeats)
+        .map(|index| {
+            let gap = if index == 0 {
+                HISTORY_BEFORE_REDIS_LOSS_MS
+            } else {
+                rng.random_range(3_000..=8_000)
+            };
+            step(
+                gap,
+                FaultAction::FlushRedisDuringReplay {
+                    second_flush_after: millis(rng.random_range(20..=300)),
+                    third_flush_after: rng
+                        .random_bool(0.5)
+                        .then(|| millis(rng.random_range(50..=500))),
+                },
+            )
+        })
+        .collect()
+}
+
+/// PostgreSQL down under the wide load, with the aggregator's memory bounded.
+///
+/// The bound: `TALLY_AGGREGATOR_MAX_PENDING=50000` rows, and at most 192 MiB of `VmRSS` above the
+/// aggregator's peak under the same load before the outage (66 to 95 MiB on a debug build), held
+/// during the outage and through the catch-up after it. What a bounded aggregator may add:
+/// - 50,000 pending rows, about 12 MiB (a name of ~11 bytes in a hash map, a window, sums);
+/// - the commit's copies of them, as many again;
+/// - librdkafka's queue of records fetched ahead, up to its 64 MiB `queued.max.messages.kbytes`
+///   when the aggregator is behind (as it is in the catch-up);
+/// - the mirror writes of the catch-up's commits, and the allocator keeping freed pages.
+///
+/// Measured with a bounded aggregator: +5 MiB during the outage, +103 and +123 MiB at the peak
+/// of the catch-up; the bound leaves room for a slower, busier machine. An aggregator that keeps
+/// consuming holds a row per name and window for the whole outage instead: the wide load sends
+/// about 12,000 items a second, nearly all distinct rows, 300,000 in the short outage (+73 and
+/// +91 MiB during it), and its one commit of all of them afterwards took it to +267 and +316 MiB;
+/// in the long outage it grew +288 MiB while PostgreSQL was still down, +590 MiB after.
+///
+/// 25 s in the short suite, 60 s in the long one: the short suite's whole run must stay well
+/// under the CI budget, and 25 s already holds six times the pending limit.
+fn postgres_down_wide_scenario(short: bool, load_after_faults: Duration) -> Scenario {
+    let down_for = if short {
+        millis(25_000)
+    } else {
+        millis(60_000)
+    };
+    Scenario {
+        name: "postgres-down-wide",
+        description: format!(
+            "load over 100,000 names in batches of 500; stop PostgreSQL for {} s with the aggregator's pending rows capped at {}; its RSS may grow at most {} MiB",
+            down_for.as_secs(),
+            WIDE_OUTAGE_MEMORY.max_pending_rows,
+            WIDE_OUTAGE_MEMORY.rss_growth_limit_mib
+        ),
+        aggregators: 1,
+        // First a stretch under the wide load with PostgreSQL up: the memory baseline.
+        steps: vec![step(10_000, FaultAction::RestartPostgres { down_for })],
+        min_load: millis(4_000),
+        // The catch-up of the backlog happens under load too.
+        load_after_faults: load_after_faults.max(millis(10_000)),
+        wide_load: Some(WIDE_LOAD),
+        aggregator_memory: Some(WIDE_OUTAGE_MEMORY),
+        // An aggregator paused at its pending limit catches up the outage's backlog (some
+        // hundreds of thousands of rows) in limit-sized commits after it: on a debug build that
+        // took about as long again as the outage.
+        extra_drain_time: down_for,
+    }
 }
 
 /// Every fault once (three rounds in the long version), in a random order, with two
@@ -356,6 +553,20 @@ fn mixed_scenario(
             FaultAction::PauseKafka {
                 paused_for: PAUSE_PAST_PRODUCE_TIMEOUT,
             },
+            // Shorter than in its own scenario, to keep the mix short; there it is checked
+            // against the stale allowance, here how it combines with the other faults.
+            FaultAction::RestartRedisFromSnapshot {
+                snapshot_age: millis(4_000),
+                down_for: millis(500),
+            },
+            FaultAction::EvictRedisKeys {
+                filler_bytes: EVICTION_FILLER_BYTES,
+                evicting_for: millis(3_000),
+            },
+            FaultAction::FlushRedisDuringReplay {
+                second_flush_after: millis(rng.random_range(20..=300)),
+                third_flush_after: None,
+            },
         ];
         actions.shuffle(rng);
         for action in actions {
@@ -375,6 +586,9 @@ fn mixed_scenario(
         steps,
         min_load,
         load_after_faults,
+        wide_load: None,
+        aggregator_memory: None,
+        extra_drain_time: Duration::ZERO,
     }
 }
 
@@ -391,7 +605,7 @@ mod tests {
             .unwrap();
         let kinds: std::collections::HashSet<FaultKind> =
             mixed.steps.iter().map(|step| step.action.kind()).collect();
-        assert_eq!(kinds.len(), 9);
+        assert_eq!(kinds.len(), 12);
         for kind in kinds {
             assert!(
                 scenarios
@@ -399,6 +613,41 @@ mod tests {
                     .filter(|scenario| scenario.name != "mixed")
                     .any(|scenario| scenario.steps.iter().any(|step| step.action.kind() == kind)),
                 "{kind:?} has no scenario of its own"
+            );
+        }
+    }
+
+    #[test]
+    fn the_snapshot_is_older_than_any_read_may_lag() {
+        use crate::checker::{PipelineTiming, StalenessAllowances};
+        let allowances = StalenessAllowances::for_timing(&PipelineTiming::SUITE);
+        // Past the stale allowance by more than the restart itself takes, and the restart from
+        // a snapshot credits no stall (FaultKind::stalls_aggregation).
+        assert!(SNAPSHOT_AGE > allowances.stale_read + Duration::from_secs(2));
+        assert!(!FaultKind::RestartRedisFromSnapshot.stalls_aggregation());
+    }
+
+    #[test]
+    fn scenarios_that_change_a_server_run_alone() {
+        for scenario in all_scenarios(SuiteLength::Short, 1) {
+            let alone = matches!(
+                scenario.name,
+                "restart-kafka"
+                    | "restart-redis-empty"
+                    | "restart-postgres"
+                    | "pause-redis"
+                    | "pause-kafka"
+                    | "restart-redis-from-snapshot"
+                    | "evict-redis-keys"
+                    | "flush-redis-during-replay"
+                    | "postgres-down-wide"
+                    | "mixed"
+            );
+            assert_eq!(
+                scenario.can_run_alongside_others(),
+                !alone,
+                "{}",
+                scenario.name
             );
         }
     }

@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use tokio::process::Command;
@@ -40,6 +41,28 @@ impl Service {
             Service::Kafka => "kafka",
         }
     }
+}
+
+/// Longest wait for one `redis-cli` command: the suite's scripts run over at most tens of
+/// thousands of keys, in milliseconds; more means Redis is stuck.
+const REDIS_COMMAND_PATIENCE: Duration = Duration::from_secs(30);
+
+/// A process that exists and is not a zombie (a SIGKILLed daemon is re-parented to PID 1, which
+/// may reap it only seconds later; its port is free as soon as it is a zombie).
+async fn process_alive(pid: u32) -> bool {
+    match tokio::fs::read_to_string(format!("/proc/{pid}/status")).await {
+        Ok(status) => !status
+            .lines()
+            .any(|line| line.starts_with("State:") && line.contains('Z')),
+        Err(_) => false,
+    }
+}
+
+fn info_number(info: &str, field: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|line| line.trim_end().strip_prefix(field)?.strip_prefix(':'))?
+        .parse()
+        .ok()
 }
 
 #[derive(Debug, Clone)]
@@ -201,6 +224,62 @@ impl Stack {
         Ok(pid)
     }
 
+    /// `kill -9` the Redis server, through the pid file up.sh keeps, and wait until it is gone
+    /// (so its port is free for up.sh). It saves nothing on its way out.
+    pub async fn kill_redis_hard(&self) -> anyhow::Result<()> {
+        let pid = self.server_pid(Service::Redis).await?;
+        send_signal(pid, "KILL").await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_alive(pid).await {
+            ensure!(
+                Instant::now() < deadline,
+                "redis (pid {pid}) still alive 10 s after SIGKILL"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Where `SAVE` writes and where a starting Redis loads from: up.sh starts it with
+    /// `--dir <local-dir>/redis` and the default `dbfilename`.
+    pub fn redis_snapshot_path(&self) -> PathBuf {
+        self.local_dir.join("redis").join("dump.rdb")
+    }
+
+    /// One Redis command through `redis-cli` (which the stack scripts need anyway), so the
+    /// suite needs no Redis client of its own. `-e` makes an error reply a failure; the output
+    /// is the raw reply, one line per element.
+    pub async fn redis_command(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut command = Command::new("redis-cli");
+        command
+            .arg("-e")
+            .arg("-h")
+            .arg("127.0.0.1")
+            .arg("-p")
+            .arg(self.ports.redis.to_string())
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(REDIS_COMMAND_PATIENCE, command.output())
+            .await
+            .with_context(|| format!("redis-cli {} took over {REDIS_COMMAND_PATIENCE:?}", args[0]))?
+            .context("running redis-cli")?;
+        ensure!(
+            output.status.success(),
+            "redis-cli {} failed with {}: {}",
+            args[0],
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// One numeric field of `INFO <section>`, such as `used_memory` or `evicted_keys`.
+    pub async fn redis_info_number(&self, section: &str, field: &str) -> anyhow::Result<u64> {
+        let info = self.redis_command(&["INFO", section]).await?;
+        info_number(&info, field).with_context(|| format!("INFO {section} has no {field}"))
+    }
+
     /// SIGSTOP the server: it keeps its connections open but answers nothing.
     pub async fn pause(&self, service: Service) -> anyhow::Result<()> {
         send_signal(self.server_pid(service).await?, "STOP").await
@@ -209,5 +288,19 @@ impl Stack {
     /// SIGCONT.
     pub async fn resume(&self, service: Service) -> anyhow::Result<()> {
         send_signal(self.server_pid(service).await?, "CONT").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_fields_are_found_by_their_exact_name() {
+        let info =
+            "# Memory\r\nused_memory:1049200\r\nused_memory_human:1.00M\r\nused_memory_rss:9\r\n";
+        assert_eq!(info_number(info, "used_memory"), Some(1_049_200));
+        assert_eq!(info_number(info, "used_memory_rss"), Some(9));
+        assert_eq!(info_number(info, "evicted_keys"), None);
     }
 }

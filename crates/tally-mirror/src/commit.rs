@@ -16,7 +16,7 @@ use tracing::warn;
 
 use crate::Mirror;
 use crate::bucket::{BUCKETS, bucket_of};
-use crate::repair::{self, BucketRepair, MarkerTargets, RepairOutcome, RepairPlan};
+use crate::repair::{self, BucketRepair, FROM_THE_START, MarkerTargets, RepairOutcome, RepairPlan};
 use crate::scripts;
 use crate::summary::CommittedCounter;
 
@@ -57,6 +57,8 @@ pub struct RepairPolicy {
     pub new_bucket_valid_from_ms: i64,
     /// The same, for a bucket found rolled back: its deltas may have lost writes too.
     pub rolled_back_valid_from_ms: i64,
+    /// The time (Unix ms), recorded in the buckets created now.
+    pub now_ms: i64,
 }
 
 /// What copying one commit did.
@@ -72,7 +74,8 @@ pub struct ApplyReport {
     pub buckets_rolled_back: usize,
     /// Buckets where a counter missed a commit.
     pub buckets_with_gaps: usize,
-    /// Lost buckets left for `tally replay`, because the policy does not recreate them.
+    /// Lost buckets left for `tally replay`, because the policy does not recreate them (and
+    /// buckets the replay recreated but has not filled with these partitions yet).
     pub buckets_left: usize,
     pub repair: RepairOutcome,
     /// Buckets that could not be repaired (PostgreSQL failed, or the bucket was lost again).
@@ -98,6 +101,8 @@ enum BucketOutcome {
     /// Markers below what the bucket is known to hold, per partition (None: absent).
     Behind {
         epoch: String,
+        /// When the bucket got its epoch (0: before buckets recorded it).
+        created_ms: i64,
         markers: Vec<(i32, Option<i64>)>,
     },
     Gaps {
@@ -133,20 +138,36 @@ impl Mirror {
                     report.buckets_lost += 1;
                     new_buckets.push(bucket);
                 }
-                BucketOutcome::Behind { epoch, markers } => {
+                BucketOutcome::Behind { markers, .. }
+                    if !policy.recreate_lost_buckets
+                        && markers.iter().any(|(_, marker)| marker.is_none()) =>
+                {
+                    // A bucket recreated by someone else (`tally replay`) that has none of
+                    // these partitions' commits yet: filling it is a rebuild, which is the
+                    // replay's to finish, not a catch-up.
+                    report.buckets_left += 1;
+                }
+                BucketOutcome::Behind {
+                    epoch,
+                    created_ms,
+                    markers,
+                } => {
                     report.buckets_behind += 1;
+                    // Rolled back: it had a commit that was mirrored, and lost it. A bucket
+                    // created after that commit was rebuilt from an older snapshot instead.
                     let rolled_back = markers.iter().any(|(partition, marker)| {
                         commit.partitions.iter().any(|mark| {
                             mark.partition == *partition
+                                && created_ms < mark.mirrored_generation
                                 && marker.is_some_and(|marker| marker < mark.mirrored_generation)
                         })
                     });
                     report.buckets_rolled_back += rolled_back as usize;
                     let lowest_marker = markers
                         .iter()
-                        .map(|(_, marker)| marker.unwrap_or(0))
+                        .map(|(_, marker)| marker.unwrap_or(FROM_THE_START))
                         .min()
-                        .unwrap_or(0);
+                        .unwrap_or(FROM_THE_START);
                     repairs.push(BucketRepair {
                         bucket,
                         epoch,
@@ -167,7 +188,7 @@ impl Mirror {
             }
         }
         if !policy.recreate_lost_buckets {
-            report.buckets_left = new_buckets.len();
+            report.buckets_left += new_buckets.len();
             new_buckets.clear();
         }
         let (epochs, _) = repair::ensure_epochs(
@@ -175,12 +196,13 @@ impl Mirror {
             &self.keys,
             &new_buckets,
             policy.new_bucket_valid_from_ms,
+            policy.now_ms,
         )
         .await?;
         repairs.extend(epochs.into_iter().map(|(bucket, epoch)| BucketRepair {
             bucket,
             epoch,
-            after_generation: 0,
+            after_generation: FROM_THE_START,
             raise_valid_from_ms: None,
         }));
         let owned: Vec<i32> = commit
@@ -277,13 +299,18 @@ fn parse_apply_reply(reply: Vec<redis::Value>) -> redis::RedisResult<BucketOutco
         2 => Ok(BucketOutcome::Lost),
         3 => {
             let epoch: String = redis::from_redis_value(reply.next().ok_or_else(unexpected)?)?;
+            let created: String = redis::from_redis_value(reply.next().ok_or_else(unexpected)?)?;
             let mut markers = Vec::new();
             while let Some(partition) = reply.next() {
                 let partition: i32 = redis::from_redis_value(partition)?;
                 let marker: String = redis::from_redis_value(reply.next().ok_or_else(unexpected)?)?;
                 markers.push((partition, marker.parse().ok()));
             }
-            Ok(BucketOutcome::Behind { epoch, markers })
+            Ok(BucketOutcome::Behind {
+                epoch,
+                created_ms: created.parse().unwrap_or(0),
+                markers,
+            })
         }
         4 => {
             let epoch: String = redis::from_redis_value(reply.next().ok_or_else(unexpected)?)?;

@@ -2,7 +2,7 @@
 //!
 //! | key | type | written by | holds |
 //! |---|---|---|---|
-//! | `{P:b:B}` | hash | aggregator, rebuild | bucket `B`: the summaries of its counters (`c:NAME`) and its markers (`m:epoch`, `m:valid_from`, `m:g:PARTITION`) |
+//! | `{P:b:B}` | hash | aggregator, rebuild | bucket `B`: the summaries of its counters (`c:NAME`) and its markers (`m:epoch`, `m:valid_from`, `m:created`, `m:g:PARTITION`) |
 //! | `{}P:d:W:S:NAME` | hash | ingest | deltas of window `W` on shard `S`: `p` and `m`, the sums of the positive and negative records; on shard 0 also `n`, the window's shard count when above 1 |
 //! | `{}P:closed` | hash | aggregator, rebuild | per partition, the latest closed window; `partitions`, their count |
 //!
@@ -18,6 +18,9 @@ pub(crate) const COUNTER_FIELD_PREFIX: &str = "c:";
 pub(crate) const EPOCH_FIELD: &str = "m:epoch";
 /// Marker: the first window whose deltas the bucket's counters may be read with.
 pub(crate) const VALID_FROM_FIELD: &str = "m:valid_from";
+/// Marker: when the bucket got its epoch (Unix ms). A bucket that was not there yet when a
+/// commit was mirrored cannot have lost that commit: it was rebuilt without it.
+pub(crate) const CREATED_FIELD: &str = "m:created";
 /// Marker prefix: `m:g:P` is the generation up to which partition `P`'s commits are in the bucket.
 pub(crate) const GENERATION_FIELD_PREFIX: &str = "m:g:";
 

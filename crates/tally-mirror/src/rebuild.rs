@@ -18,8 +18,10 @@ use sqlx::PgPool;
 use crate::Mirror;
 use crate::bucket::BUCKETS;
 use crate::closed::publish_closed_windows;
-use crate::keys::{EPOCH_FIELD, generation_field};
-use crate::repair::{self, BucketRepair, MarkerTargets, RepairError, RepairOutcome, RepairPlan};
+use crate::keys::{CREATED_FIELD, EPOCH_FIELD, generation_field};
+use crate::repair::{
+    self, BucketRepair, FROM_THE_START, MarkerTargets, RepairError, RepairOutcome, RepairPlan,
+};
 use crate::store;
 
 /// A rebuild gives up after this many passes that each found a bucket lost again.
@@ -141,41 +143,55 @@ impl Mirror {
                 .await?;
             let lost: Vec<u32> = markers
                 .iter()
-                .filter(|(_, epoch, _)| epoch.is_none())
-                .map(|(bucket, _, _)| *bucket)
+                .filter(|bucket| bucket.epoch.is_none())
+                .map(|bucket| bucket.bucket)
                 .collect();
             report.buckets_lost += lost.len();
             // A mirror that never existed cannot have lost a delta.
             let new_bucket_valid_from = if never_mirrored { 0 } else { next_window_ms };
             let (created, _) =
-                repair::ensure_epochs(redis, &self.keys, &lost, new_bucket_valid_from).await?;
+                repair::ensure_epochs(redis, &self.keys, &lost, new_bucket_valid_from, now_ms())
+                    .await?;
             let mut repairs = Vec::with_capacity(remaining.len());
-            for (bucket, epoch, bucket_markers) in markers {
+            for BucketMarkers {
+                bucket,
+                epoch,
+                created_ms,
+                markers: bucket_markers,
+            } in markers
+            {
                 let (epoch, after_generation, raise_valid_from_ms) = match epoch {
                     Some(epoch) => {
+                        // Rolled back: it had a commit that was mirrored, and lost it.
                         let rolled_back =
                             bucket_markers
                                 .iter()
                                 .enumerate()
                                 .any(|(partition, marker)| {
-                                    marker.is_some_and(|marker| marker < mirrored(partition as i32))
+                                    let mirrored = mirrored(partition as i32);
+                                    created_ms < mirrored
+                                        && marker.is_some_and(|marker| marker < mirrored)
                                 });
                         report.buckets_rolled_back += rolled_back as usize;
                         let lowest = bucket_markers
                             .iter()
                             .enumerate()
                             .filter(|(partition, _)| committed(*partition as i32))
-                            .map(|(_, marker)| marker.unwrap_or(0))
+                            .map(|(_, marker)| marker.unwrap_or(FROM_THE_START))
                             .min()
-                            .unwrap_or(0);
+                            .unwrap_or(FROM_THE_START);
                         (epoch, lowest, rolled_back.then_some(next_window_ms))
                     }
-                    None => (created[&bucket].clone(), 0, None),
+                    None => (created[&bucket].clone(), FROM_THE_START, None),
                 };
                 repairs.push(BucketRepair {
                     bucket,
                     epoch,
-                    after_generation: if settings.full { 0 } else { after_generation },
+                    after_generation: if settings.full {
+                        FROM_THE_START
+                    } else {
+                        after_generation
+                    },
                     raise_valid_from_ms,
                 });
             }
@@ -208,8 +224,8 @@ impl Mirror {
                 self.read_markers(redis, &remaining, 0)
                     .await?
                     .into_iter()
-                    .filter(|(_, epoch, _)| epoch.is_none())
-                    .map(|(bucket, _, _)| bucket)
+                    .filter(|bucket| bucket.epoch.is_none())
+                    .map(|bucket| bucket.bucket)
                     .collect()
             };
         }
@@ -221,17 +237,17 @@ impl Mirror {
         Ok(report)
     }
 
-    /// Each bucket's epoch and its marker for each partition.
+    /// Each bucket's epoch, creation time and marker for each partition.
     async fn read_markers(
         &self,
         redis: &mut impl ConnectionLike,
         buckets: &[u32],
         partition_count: usize,
-    ) -> redis::RedisResult<Vec<(u32, Option<String>, Vec<Option<i64>>)>> {
+    ) -> redis::RedisResult<Vec<BucketMarkers>> {
         let mut pipeline = redis::pipe();
         for bucket in buckets {
             let command = pipeline.cmd("HMGET").arg(self.keys.bucket(*bucket));
-            command.arg(EPOCH_FIELD);
+            command.arg(EPOCH_FIELD).arg(CREATED_FIELD);
             for partition in 0..partition_count {
                 command.arg(generation_field(partition as i32));
             }
@@ -243,11 +259,31 @@ impl Mirror {
             .map(|(bucket, fields)| {
                 let mut fields = fields.into_iter();
                 let epoch = fields.next().flatten();
+                let created_ms = fields
+                    .next()
+                    .flatten()
+                    .and_then(|created| created.parse().ok())
+                    .unwrap_or(0);
                 let markers = fields
                     .map(|marker| marker.and_then(|marker| marker.parse().ok()))
                     .collect();
-                (*bucket, epoch, markers)
+                BucketMarkers {
+                    bucket: *bucket,
+                    epoch,
+                    created_ms,
+                    markers,
+                }
             })
             .collect())
     }
+}
+
+/// What a bucket's markers say, as the rebuild reads them.
+struct BucketMarkers {
+    bucket: u32,
+    epoch: Option<String>,
+    /// When the bucket got its epoch (0: before buckets recorded it).
+    created_ms: i64,
+    /// Per partition, by number; None when absent.
+    markers: Vec<Option<i64>>,
 }

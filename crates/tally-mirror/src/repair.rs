@@ -20,8 +20,16 @@ use crate::summary::NamedSummary;
 
 /// Buckets read from PostgreSQL per statement: the snapshot stays one, memory stays bounded.
 const BUCKETS_PER_QUERY: usize = 64;
-/// Summaries per script call, so no single call holds Redis for long.
+/// Summaries per script call and per pipeline, so no call holds Redis for long and no round
+/// trip outlasts the response timeout: the ingest's and the readers' commands share Redis.
 const SUMMARIES_PER_CALL: usize = 2_000;
+/// From this many buckets on, a repair reads every recent window record at once rather than
+/// counter by counter.
+const BUCKETS_FOR_ONE_WINDOW_SCAN: usize = 32;
+
+/// Below every generation: counters last touched before generations existed have 0, and
+/// commits take the time in milliseconds.
+pub(crate) const FROM_THE_START: i64 = -1;
 
 /// One bucket to repair.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,7 +37,8 @@ pub(crate) struct BucketRepair {
     pub(crate) bucket: u32,
     /// The epoch the bucket had when the repair began; the writes are conditional on it.
     pub(crate) epoch: String,
-    /// Counters touched by a commit after this generation are rewritten.
+    /// Counters touched by a commit after this generation are rewritten
+    /// ([`FROM_THE_START`]: every counter of the bucket).
     pub(crate) after_generation: i64,
     /// Raise the bucket's `valid_from` to this (Redis lost deltas along with the writes).
     pub(crate) raise_valid_from_ms: Option<i64>,
@@ -91,6 +100,7 @@ pub(crate) async fn ensure_epochs(
     keys: &KeySpace,
     buckets: &[u32],
     valid_from_ms: i64,
+    now_ms: i64,
 ) -> redis::RedisResult<(BTreeMap<u32, String>, usize)> {
     let script = redis::Script::new(scripts::CREATE_BUCKET);
     let mut epochs = BTreeMap::new();
@@ -99,7 +109,7 @@ pub(crate) async fn ensure_epochs(
         let mut pipeline = pipeline_loading(scripts::CREATE_BUCKET);
         for bucket in chunk {
             let mut invocation = script.key(keys.bucket(*bucket));
-            invocation.arg(new_epoch()).arg(valid_from_ms);
+            invocation.arg(new_epoch()).arg(valid_from_ms).arg(now_ms);
             pipeline.invoke_script(&invocation);
         }
         let replies: Vec<(String, i64)> = pipeline.query_async(redis).await?;
@@ -154,25 +164,82 @@ pub(crate) async fn repair_buckets(
                 .collect()
         }
     };
-    let script = redis::Script::new(scripts::REPAIR_BUCKET);
-    for chunk in repairs.chunks(BUCKETS_PER_QUERY) {
-        let selection = RepairSelection {
-            buckets: chunk
-                .iter()
-                .map(|repair| (repair.bucket, repair.after_generation))
-                .collect(),
-            partitions: partitions.map(<[i32]>::to_vec),
-            windows_from_ms,
-        };
+    let recent_windows = if repairs.len() >= BUCKETS_FOR_ONE_WINDOW_SCAN {
+        Some(store::load_recent_windows(&mut snapshot, windows_from_ms).await?)
+    } else {
+        None
+    };
+    let writer = ChunkWriter {
+        keys,
+        script: redis::Script::new(scripts::REPAIR_BUCKET),
+        marker_targets: &marker_targets,
+    };
+    let chunks: Vec<&[BucketRepair]> = repairs.chunks(BUCKETS_PER_QUERY).collect();
+    let load = |chunk: &[BucketRepair]| RepairSelection {
+        buckets: chunk
+            .iter()
+            .map(|repair| (repair.bucket, repair.after_generation))
+            .collect(),
+        partitions: partitions.map(<[i32]>::to_vec),
+        windows_from_ms,
+    };
+    let mut loaded =
+        store::load_summaries(&mut snapshot, &load(chunks[0]), recent_windows.as_ref()).await?;
+    for (index, chunk) in chunks.iter().enumerate() {
+        outcome.counters_read += loaded.len();
+        // Reading the next chunk from PostgreSQL while this one goes to Redis: the two stores
+        // work at the same time, and the rebuild takes about the longer of the two.
+        let next = chunks.get(index + 1).map(|next| load(next));
+        let (written, next_loaded) = tokio::join!(
+            writer.write(redis, chunk, std::mem::take(&mut loaded)),
+            async {
+                match &next {
+                    Some(selection) => {
+                        store::load_summaries(&mut snapshot, selection, recent_windows.as_ref())
+                            .await
+                            .map(Some)
+                    }
+                    None => Ok(None),
+                }
+            }
+        );
+        let written = written?;
+        outcome.summaries_written += written.summaries_written;
+        outcome.buckets_repaired += written.buckets_repaired;
+        outcome.buckets_overtaken += written.buckets_overtaken;
+        progress(&outcome);
+        if let Some(next_loaded) = next_loaded? {
+            loaded = next_loaded;
+        }
+    }
+    snapshot.commit().await?;
+    Ok(outcome)
+}
+
+/// Writes chunks of repaired buckets into Redis.
+struct ChunkWriter<'a> {
+    keys: &'a KeySpace,
+    script: redis::Script,
+    marker_targets: &'a [(i32, i64)],
+}
+
+impl ChunkWriter<'_> {
+    /// One script call per bucket (more for a bucket above [`SUMMARIES_PER_CALL`] counters), in
+    /// pipelines of about [`SUMMARIES_PER_CALL`] summaries.
+    async fn write(
+        &self,
+        redis: &mut impl ConnectionLike,
+        chunk: &[BucketRepair],
+        loaded: Vec<(u32, NamedSummary)>,
+    ) -> redis::RedisResult<RepairOutcome> {
         let mut by_bucket: BTreeMap<u32, Vec<NamedSummary>> = BTreeMap::new();
-        for (bucket, summary) in store::load_summaries(&mut snapshot, &selection).await? {
-            outcome.counters_read += 1;
+        for (bucket, summary) in loaded {
             by_bucket.entry(bucket).or_default().push(summary);
         }
+        let mut pipelines: Vec<(redis::Pipeline, Vec<u32>)> = Vec::new();
         let mut pipeline = pipeline_loading(scripts::REPAIR_BUCKET);
-        // Per bucket, the position of its last call: the one whose outcome says whether the
-        // bucket held (an earlier call of the same bucket returning -1 says so too).
         let mut calls: Vec<u32> = Vec::new();
+        let mut summaries_in_pipeline = 0;
         for repair in chunk {
             let summaries = by_bucket.remove(&repair.bucket).unwrap_or_default();
             let summary_chunks: Vec<&[NamedSummary]> = if summaries.is_empty() {
@@ -182,37 +249,32 @@ pub(crate) async fn repair_buckets(
             };
             let last = summary_chunks.len() - 1;
             for (index, summaries) in summary_chunks.into_iter().enumerate() {
-                let mut invocation = script.key(keys.bucket(repair.bucket));
-                invocation.arg(&repair.epoch);
-                // The markers and valid_from go with the last call, once every summary is in.
-                let final_call = index == last;
-                match repair.raise_valid_from_ms.filter(|_| final_call) {
-                    Some(valid_from_ms) => invocation.arg(valid_from_ms),
-                    None => invocation.arg(""),
-                };
-                if final_call {
-                    invocation.arg(marker_targets.len());
-                    for (partition, generation) in &marker_targets {
-                        invocation.arg(partition).arg(generation);
-                    }
-                } else {
-                    invocation.arg(0);
-                }
-                for named in summaries {
-                    invocation.arg(&named.name).arg(named.summary.encode());
+                let invocation = self.invocation(repair, summaries, index == last);
+                if summaries_in_pipeline + summaries.len() > SUMMARIES_PER_CALL && !calls.is_empty()
+                {
+                    let full =
+                        std::mem::replace(&mut pipeline, pipeline_loading(scripts::REPAIR_BUCKET));
+                    pipelines.push((full, std::mem::take(&mut calls)));
+                    summaries_in_pipeline = 0;
                 }
                 pipeline.invoke_script(&invocation);
                 calls.push(repair.bucket);
+                summaries_in_pipeline += summaries.len();
             }
         }
-        let replies: Vec<i64> = pipeline.query_async(redis).await?;
+        pipelines.push((pipeline, calls));
+        let mut outcome = RepairOutcome::default();
+        // Per bucket: whether any of its calls found the epoch changed.
         let mut overtaken: BTreeMap<u32, bool> = BTreeMap::new();
-        for (bucket, written) in calls.into_iter().zip(replies) {
-            let entry = overtaken.entry(bucket).or_insert(false);
-            if written < 0 {
-                *entry = true;
-            } else {
-                outcome.summaries_written += written as usize;
+        for (pipeline, calls) in pipelines {
+            let written: Vec<i64> = pipeline.query_async(redis).await?;
+            for (bucket, written) in calls.into_iter().zip(written) {
+                let entry = overtaken.entry(bucket).or_insert(false);
+                if written < 0 {
+                    *entry = true;
+                } else {
+                    outcome.summaries_written += written as usize;
+                }
             }
         }
         for was_overtaken in overtaken.into_values() {
@@ -222,10 +284,36 @@ pub(crate) async fn repair_buckets(
                 outcome.buckets_repaired += 1;
             }
         }
-        progress(&outcome);
+        Ok(outcome)
     }
-    snapshot.commit().await?;
-    Ok(outcome)
+
+    /// One script call: some of a bucket's summaries, and with the last call of the bucket its
+    /// markers and `valid_from`, once every summary is in.
+    fn invocation<'s>(
+        &'s self,
+        repair: &BucketRepair,
+        summaries: &[NamedSummary],
+        final_call: bool,
+    ) -> redis::ScriptInvocation<'s> {
+        let mut invocation = self.script.key(self.keys.bucket(repair.bucket));
+        invocation.arg(&repair.epoch);
+        match repair.raise_valid_from_ms.filter(|_| final_call) {
+            Some(valid_from_ms) => invocation.arg(valid_from_ms),
+            None => invocation.arg(""),
+        };
+        if final_call {
+            invocation.arg(self.marker_targets.len());
+            for (partition, generation) in self.marker_targets {
+                invocation.arg(partition).arg(generation);
+            }
+        } else {
+            invocation.arg(0);
+        }
+        for named in summaries {
+            invocation.arg(&named.name).arg(named.summary.encode());
+        }
+        invocation
+    }
 }
 
 /// A pipeline that first loads `script`. Pipelined invocations use EVALSHA and, unlike single

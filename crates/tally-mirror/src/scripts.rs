@@ -13,10 +13,11 @@
 /// version, total, partition, n, and n triples (window, positive, negative).
 ///
 /// Returns `{1}` when applied and the markers raised to the commit's generation; `{2}` when the
-/// bucket has no epoch (it lost its data): nothing is written; `{3, epoch, partition, marker,
-/// ...}` when a partition's marker is below what the bucket is known to hold (Redis lost writes,
-/// or the previous owner of the partition never copied its last commit), with the marker found
-/// (`""` when absent): nothing is written; `{4, epoch, name, ...}` when those counters' stored
+/// bucket has no epoch (it lost its data): nothing is written; `{3, epoch, created, partition,
+/// marker, ...}` when a partition's marker is below what the bucket is known to hold (Redis lost
+/// writes, the bucket was rebuilt from an older snapshot of PostgreSQL, or the previous owner of
+/// the partition never copied its last commit), with when the bucket was created and the marker
+/// found (`""` when absent): nothing is written; `{4, epoch, name, ...}` when those counters' stored
 /// version is not the one before theirs (a commit is missing): the other counters are written,
 /// the markers are not raised.
 pub(crate) const APPLY_COMMIT: &str = r#"
@@ -35,7 +36,9 @@ for _ = 1, partitions do
   end
   i = i + 2
 end
-if #behind > 0 then return {3, epoch, unpack(behind)} end
+if #behind > 0 then
+  return {3, epoch, redis.call('HGET', bucket, 'm:created') or '0', unpack(behind)}
+end
 local gaps = {}
 while i <= #ARGV do
   local name, version, window_count = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 4])
@@ -129,13 +132,13 @@ return written
 /// Gives a bucket that lost its data a new epoch, unless it has one.
 ///
 /// `KEYS[1]` = the bucket. `ARGV[1]` = a new random epoch, `ARGV[2]` = the first window whose
-/// deltas can be trusted. Returns `{epoch in force, 1 if created here}`. A bucket without an epoch
-/// holds nothing valid, so anything left in it is dropped first.
+/// deltas can be trusted, `ARGV[3]` = the time (Unix ms). Returns `{epoch in force, 1 if created
+/// here}`. A bucket without an epoch holds nothing valid, so anything left in it is dropped first.
 pub(crate) const CREATE_BUCKET: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'm:epoch')
 if epoch then return {epoch, 0} end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'm:epoch', ARGV[1], 'm:valid_from', ARGV[2])
+redis.call('HSET', KEYS[1], 'm:epoch', ARGV[1], 'm:valid_from', ARGV[2], 'm:created', ARGV[3])
 return {ARGV[1], 1}
 "#;
 

@@ -82,12 +82,17 @@ pub struct RepairSelection {
     pub windows_from_ms: i64,
 }
 
-/// Full summaries of the selected counters, with the bucket each belongs to. Call it inside one
-/// transaction (REPEATABLE READ) with whatever else must agree with it: the counters and their
-/// windows are read in two statements.
+/// Window records by counter name.
+pub type WindowsByName = HashMap<String, BTreeMap<i64, WindowRecords>>;
+
+/// Full summaries of the selected counters, with the bucket each belongs to. Their window
+/// records come from `windows` when given (see [`load_recent_windows`]), else they are read
+/// here, counter by counter. Call it inside one transaction (REPEATABLE READ) with whatever else
+/// must agree with it.
 pub async fn load_summaries(
     connection: &mut PgConnection,
     selection: &RepairSelection,
+    windows: Option<&WindowsByName>,
 ) -> Result<Vec<(u32, NamedSummary)>, sqlx::Error> {
     if selection.buckets.is_empty() {
         return Ok(Vec::new());
@@ -118,31 +123,19 @@ pub async fn load_summaries(
     if counters.is_empty() {
         return Ok(Vec::new());
     }
-    let windows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
-        "SELECT w.name, (extract(epoch FROM w.window_start) * 1000)::bigint, w.positive, w.negative
-         FROM unnest($1::int[], $2::bigint[]) AS r(bucket, after)
-         JOIN counters c ON c.bucket = r.bucket AND c.generation > r.after
-         JOIN counter_windows w ON w.name = c.name
-                               AND w.window_start >= to_timestamp($4::bigint / 1000.0)
-         WHERE $3::int[] IS NULL OR c.kafka_partition = ANY($3)",
-    )
-    .bind(&buckets)
-    .bind(&after)
-    .bind(&selection.partitions)
-    .bind(selection.windows_from_ms)
-    .fetch_all(&mut *connection)
-    .await?;
-    let mut windows_by_name: HashMap<String, BTreeMap<i64, WindowRecords>> = HashMap::new();
-    for (name, start, positive, negative) in windows {
-        windows_by_name
-            .entry(name)
-            .or_default()
-            .insert(start, WindowRecords { positive, negative });
-    }
+    let read_here;
+    let windows = match windows {
+        Some(windows) => windows,
+        None => {
+            let names: Vec<&str> = counters.iter().map(|counter| counter.0.as_str()).collect();
+            read_here = windows_of(connection, &names, selection.windows_from_ms).await?;
+            &read_here
+        }
+    };
     Ok(counters
         .into_iter()
         .map(|(name, total, version, partition, bucket)| {
-            let windows = windows_by_name.remove(&name).unwrap_or_default();
+            let windows = windows.get(&name).cloned().unwrap_or_default();
             let summary = CounterSummary {
                 version,
                 total,
@@ -153,4 +146,52 @@ pub async fn load_summaries(
             (bucket as u32, NamedSummary { name, summary })
         })
         .collect())
+}
+
+/// The window records of the named counters from `windows_from_ms` on: one probe of the
+/// `counter_windows` primary key per counter, cheap for a few buckets.
+async fn windows_of(
+    connection: &mut PgConnection,
+    names: &[&str],
+    windows_from_ms: i64,
+) -> Result<WindowsByName, sqlx::Error> {
+    let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT w.name, (extract(epoch FROM w.window_start) * 1000)::bigint, w.positive, w.negative
+         FROM unnest($1::text[]) AS n(name)
+         JOIN counter_windows w ON w.name = n.name
+                               AND w.window_start >= to_timestamp($2::bigint / 1000.0)",
+    )
+    .bind(names)
+    .bind(windows_from_ms)
+    .fetch_all(connection)
+    .await?;
+    Ok(group_windows(rows))
+}
+
+/// Every counter's window records from `windows_from_ms` on, in one range scan of
+/// `counter_windows_by_start`: cheaper than a probe per counter once a repair covers many
+/// buckets, since only recently active counters have recent windows.
+pub async fn load_recent_windows(
+    connection: &mut PgConnection,
+    windows_from_ms: i64,
+) -> Result<WindowsByName, sqlx::Error> {
+    let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT name, (extract(epoch FROM window_start) * 1000)::bigint, positive, negative
+         FROM counter_windows WHERE window_start >= to_timestamp($1::bigint / 1000.0)",
+    )
+    .bind(windows_from_ms)
+    .fetch_all(connection)
+    .await?;
+    Ok(group_windows(rows))
+}
+
+fn group_windows(rows: Vec<(String, i64, i64, i64)>) -> WindowsByName {
+    let mut windows: WindowsByName = HashMap::new();
+    for (name, start, positive, negative) in rows {
+        windows
+            .entry(name)
+            .or_default()
+            .insert(start, WindowRecords { positive, negative });
+    }
+    windows
 }

@@ -127,6 +127,7 @@ impl Setup {
             recreate_lost_buckets,
             new_bucket_valid_from_ms: 0,
             rolled_back_valid_from_ms: 0,
+            now_ms: 0,
         };
         self.mirror
             .apply_commit(&mut self.redis, &self.pool, &commit, &policy)

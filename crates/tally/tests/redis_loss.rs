@@ -289,31 +289,7 @@ async fn check_after_replay(app: &TestApp, outcome: &LoadOutcome) {
         outcome.reads_from_postgres > 0,
         "some reads should have fallen back to postgres"
     );
-    let args = &app.args;
-    let replay = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .arg("replay")
-        .args(["--redis-url", &args.store.redis_url])
-        .args(["--redis-prefix", &args.store.redis_prefix])
-        .args(["--kafka-brokers", &args.store.kafka_brokers])
-        .args(["--kafka-topic", &args.store.kafka_topic])
-        .args(["--database-url", &args.store.database_url])
-        .args(["--aggregator-group", &args.aggregator.aggregator_group])
-        .args(["--window-ms", &args.pipeline.window_ms.to_string()])
-        .args([
-            "--produce-timeout-ms",
-            &args.pipeline.produce_timeout_ms.to_string(),
-        ])
-        .args(["--clock-skew-ms", &args.pipeline.clock_skew_ms.to_string()])
-        .output()
-        .await
-        .unwrap();
-    let printed = String::from_utf8_lossy(&replay.stdout);
-    assert!(
-        replay.status.success(),
-        "tally replay failed: {printed}{}",
-        String::from_utf8_lossy(&replay.stderr)
-    );
-    assert!(printed.contains("replay done"), "{printed}");
+    let printed = app.run_tally_replay().await;
     println!("{printed}");
 
     let expected = &outcome.expected;

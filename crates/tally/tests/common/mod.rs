@@ -181,6 +181,51 @@ impl TestApp {
         values
     }
 
+    /// Runs `tally replay` as an operator would, with this app's settings, and returns what it
+    /// printed.
+    pub async fn run_tally_replay(&self) -> String {
+        let args = &self.args;
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .arg("replay")
+            .args(["--redis-url", &args.store.redis_url])
+            .args(["--redis-prefix", &args.store.redis_prefix])
+            .args(["--kafka-brokers", &args.store.kafka_brokers])
+            .args(["--kafka-topic", &args.store.kafka_topic])
+            .args(["--database-url", &args.store.database_url])
+            .args(["--aggregator-group", &args.aggregator.aggregator_group])
+            .args(["--window-ms", &args.pipeline.window_ms.to_string()])
+            .args([
+                "--produce-timeout-ms",
+                &args.pipeline.produce_timeout_ms.to_string(),
+            ])
+            .args(["--clock-skew-ms", &args.pipeline.clock_skew_ms.to_string()])
+            .output()
+            .await
+            .expect("the tally binary should run");
+        let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "tally replay failed: {printed}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(printed.contains("replay done"), "{printed}");
+        printed
+    }
+
+    /// PostgreSQL's totals of the named counters (those it has).
+    pub async fn postgres_totals_of(
+        &self,
+        names: &[String],
+    ) -> std::collections::HashMap<String, i64> {
+        sqlx::query_as::<_, (String, i64)>("SELECT name, total FROM counters WHERE name = ANY($1)")
+            .bind(names)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect()
+    }
+
     pub async fn postgres_totals(&self) -> std::collections::HashMap<String, i64> {
         sqlx::query_as::<_, (String, i64)>("SELECT name, total FROM counters")
             .fetch_all(&self.pool)
