@@ -138,6 +138,7 @@ mod tests {
                 })
                 .into_iter()
                 .collect(),
+            unclaimed_keys: false,
         }
     }
 

@@ -13,6 +13,10 @@ pub struct CounterIncrements {
     pub by: i64,
     pub increments: u32,
     pub keyed: Vec<KeyedIncrement>,
+    /// Some keyed increment was produced without a claim (Redis could not be asked): a copy of
+    /// the same use may be on its way too. Such a record is not added to Redis's deltas, where
+    /// both copies would show; reads see it once the aggregator, which applies a use once, has.
+    pub unclaimed_keys: bool,
 }
 
 /// How much of a record's size its keyed increments may take. Kafka refuses records above
@@ -27,6 +31,7 @@ impl CounterIncrements {
             by: 0,
             increments: 0,
             keyed: Vec::new(),
+            unclaimed_keys: false,
         }
     }
 
@@ -47,6 +52,7 @@ impl CounterIncrements {
         self.by = self.by.saturating_add(other.by);
         self.increments += other.increments;
         self.keyed.extend(other.keyed.iter().cloned());
+        self.unclaimed_keys |= other.unclaimed_keys;
     }
 }
 
@@ -125,6 +131,7 @@ mod tests {
                     by: 1,
                 })
                 .collect(),
+            unclaimed_keys: false,
         };
         let half = KEYED_BYTES_PER_RECORD / keyed_bytes(&keyed(1).keyed[0]) / 2;
         let mut record = keyed(half);

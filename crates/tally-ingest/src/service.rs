@@ -97,6 +97,8 @@ impl LogThrottle {
 struct KeyCheck<'a> {
     /// Per item: a retry of a use already acknowledged (or of an earlier item of the request).
     duplicates: Vec<bool>,
+    /// Per item: its key could not be claimed (Redis did not answer).
+    unclaimed: Vec<bool>,
     /// The keys this request claimed, with their uses: to acknowledge or release.
     claimed: Vec<(&'a str, KeyUse)>,
 }
@@ -153,13 +155,16 @@ impl IngestService {
         let mut records: Vec<CounterIncrements> = Vec::new();
         // The record each counter's next increment joins, while it has room.
         let mut open_record: HashMap<&CounterName, usize> = HashMap::new();
-        for (item, duplicate) in items.iter().zip(&check.duplicates) {
+        for ((item, duplicate), unclaimed) in
+            items.iter().zip(&check.duplicates).zip(&check.unclaimed)
+        {
             if *duplicate {
                 continue;
             }
             let mut increment = CounterIncrements::empty(item.name.clone());
             increment.by = item.by;
             increment.increments = 1;
+            increment.unclaimed_keys = *unclaimed;
             if let Some(key) = &item.idempotency_key {
                 increment.keyed.push(KeyedIncrement {
                     key: key.clone(),
@@ -224,6 +229,7 @@ impl IngestService {
         }
         let mut check = KeyCheck {
             duplicates,
+            unclaimed: vec![false; items.len()],
             claimed: Vec::new(),
         };
         if first_items.is_empty() {
@@ -243,7 +249,10 @@ impl IngestService {
                     check.claimed.push((key, this_use.clone()));
                     ask_postgres.push(position);
                 }
-                KeyState::Unknown => ask_postgres.push(position),
+                KeyState::Unknown => {
+                    check.unclaimed[*index] = true;
+                    ask_postgres.push(position);
+                }
                 KeyState::Acknowledged(first_use) if first_use == *this_use => {
                     check.duplicates[*index] = true;
                 }
@@ -574,7 +583,7 @@ impl IngestService {
                         .acknowledge(&mut pipeline.pipeline, &keyed.key, &key_use);
                     commands += 1;
                 }
-                if counter.by == 0 {
+                if counter.by == 0 || counter.unclaimed_keys {
                     continue;
                 }
                 let choice =

@@ -200,20 +200,21 @@ impl ReadService {
 
     /// Reads from Redis the counters it can be trusted for, and the others from PostgreSQL.
     async fn fetch(&self, names: &[CounterName]) -> Result<Vec<CounterValue>, ReadError> {
-        let from_redis = match self.fetch_from_redis(names).await {
-            Ok(Ok(per_name)) => per_name,
+        // Per name, the value Redis can be trusted for, if any.
+        let from_redis: Vec<Option<i64>> = match self.fetch_from_redis(names).await {
+            Ok(Ok(per_name)) => per_name.into_iter().map(Result::ok).collect(),
             Ok(Err(untrusted)) => {
                 metrics::POSTGRES_FALLBACKS
                     .with_label_values(&[untrusted.as_label()])
                     .inc_by(names.len() as u64);
-                vec![Err(untrusted); names.len()]
+                vec![None; names.len()]
             }
             Err(error) => {
                 debug!(%error, "redis could not be read");
                 metrics::POSTGRES_FALLBACKS
                     .with_label_values(&["unreachable"])
                     .inc_by(names.len() as u64);
-                vec![Err(Untrusted::BucketLost); names.len()]
+                vec![None; names.len()]
             }
         };
         let as_of = now_rfc3339();
@@ -221,14 +222,14 @@ impl ReadService {
         let mut from_postgres: Vec<usize> = Vec::new();
         for (index, (name, outcome)) in names.iter().zip(from_redis).enumerate() {
             match outcome {
-                Ok(value) => values.push(Some(CounterValue {
+                Some(value) => values.push(Some(CounterValue {
                     counter: name.to_string(),
                     value,
                     source: Source::Redis,
                     stale: false,
                     as_of: as_of.clone(),
                 })),
-                Err(_) => {
+                None => {
                     values.push(None);
                     from_postgres.push(index);
                 }

@@ -13,6 +13,7 @@ use common::{
     use_fresh_database, wait_until,
 };
 use futures_util::future::join_all;
+use rdkafka::producer::Producer as _;
 use serde_json::{Value, json};
 
 /// What Tally answered, with the headers these tests look at.
@@ -182,9 +183,9 @@ async fn drain_pipeline(app: &TestApp) {
         || async {
             let applied = applied_offsets(app).await;
             postgres_total(app, &sentinel).await == Some(1)
-                && produced.iter().all(|(partition, high)| {
-                    applied.get(partition).copied().unwrap_or(0) >= *high
-                })
+                && produced
+                    .iter()
+                    .all(|(partition, high)| applied.get(partition).copied().unwrap_or(0) >= *high)
         },
     )
     .await;
@@ -288,10 +289,7 @@ async fn a_batch_with_a_key_in_flight_gets_409_and_counts_nothing() {
     answer.assert_in_flight();
     assert_eq!(answer.body["index"], 2, "{answer:?}");
     assert!(
-        answer.body["detail"]
-            .as_str()
-            .unwrap()
-            .contains("order-77"),
+        answer.body["detail"].as_str().unwrap().contains("order-77"),
         "{answer:?}"
     );
     // It gave back the claim it made for `fresh-77`, and left the other request's claim alone.

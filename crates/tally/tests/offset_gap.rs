@@ -14,7 +14,7 @@ use common::{encode, random_suffix, test_args, use_fresh_database, wait_until};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::BaseProducer;
+use rdkafka::producer::{BaseProducer, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tally::cli::{Role, ServeArgs};
@@ -231,7 +231,10 @@ async fn a_partition_whose_unapplied_records_were_deleted_is_refused_and_the_oth
         if enough {
             break;
         }
-        assert!(index < 200, "200 names never filled {partitions} partitions");
+        assert!(
+            index < 200,
+            "200 names never filled {partitions} partitions"
+        );
         let name = format!("gap-{index}");
         let partition = increment_and_locate(&ingest, &log, &name, 1).await;
         counters_of.entry(partition).or_default().push(name.clone());
@@ -247,7 +250,11 @@ async fn a_partition_whose_unapplied_records_were_deleted_is_refused_and_the_oth
     let before_deletion = log.watermarks().await[&gap_partition];
     assert_eq!(before_deletion.0, 0, "nothing was deleted yet");
     let low = delete_records(&args, gap_partition, 1).await;
-    assert_eq!(low, Offset::Offset(1), "the low watermark moved past offset 0");
+    assert_eq!(
+        low,
+        Offset::Offset(1),
+        "the low watermark moved past offset 0"
+    );
     let (low, high) = log.watermarks().await[&gap_partition];
     assert_eq!((low, high), (1, before_deletion.1));
 
