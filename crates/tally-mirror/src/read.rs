@@ -357,3 +357,18 @@ impl Replies {
         self.next_value()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_reply_is_an_error_not_a_nil() {
+        let mut replies = Replies::new(vec![redis::Value::Int(7)]);
+        assert_eq!(replies.next_value::<i64>().unwrap(), 7);
+        assert!(
+            replies.next_value::<Option<String>>().is_err(),
+            "a short pipeline must not read as an absent key"
+        );
+    }
+}
