@@ -26,12 +26,18 @@ ALTER TABLE counter_windows
 CREATE INDEX counter_windows_by_start ON counter_windows (window_start);
 
 -- `generation`: a number the partition's commits take, increasing (milliseconds since the epoch,
--- at least one more than the previous commit's). `mirrored_generation`: the generation of the
--- partition's latest commit that the owning aggregator copied into every bucket of the mirror
--- still holding data. A bucket whose marker for the partition is below it has lost writes.
+-- at least one more than the previous commit's); `previous_generation`, the one before it. An
+-- aggregator copies a commit into the mirror before it makes the next one, so every bucket that
+-- holds data should have the partition's previous generation: a bucket whose marker is below it
+-- has lost writes (or missed them while Redis was unreachable), and readers do not trust it.
+-- `mirrored_generation`: the partition's latest commit that every such bucket took.
 ALTER TABLE consumer_offsets
     ADD COLUMN generation bigint NOT NULL DEFAULT 0,
+    ADD COLUMN previous_generation bigint NOT NULL DEFAULT 0,
     ADD COLUMN mirrored_generation bigint NOT NULL DEFAULT 0;
+-- Partitions consumed before generations existed hold counters all the same: generation 1 says
+-- so, and readers then want a bucket's marker for them before they take a counter as new.
+UPDATE consumer_offsets SET generation = 1, previous_generation = 1;
 
 -- A key is applied once per use (key, counter, amount). A retry of the same use is dropped; a
 -- second, different use of a key that slipped past the ingest's claim (Redis was unreachable) was

@@ -51,13 +51,14 @@ applied_before AS (
         SELECT 1 FROM claimed c WHERE c.key = k.key AND c.counter = k.name AND c.by = k.by)
     GROUP BY k.name, k.window_start_ms
 ),
--- Uses of a key applied before with another counter or amount (the statement's snapshot does
--- not see the rows it inserts itself).
+-- Uses applied now of a key applied before with another counter or amount (the statement's
+-- snapshot does not see the rows it inserts itself; a retry of such a use is not applied now,
+-- so it is not counted again).
 conflicts AS (
-    SELECT count(*) AS uses FROM keyed k
+    SELECT count(*) AS uses FROM claimed c
     WHERE EXISTS (
         SELECT 1 FROM idempotency_keys i
-        WHERE i.key = k.key AND (i.counter <> k.name OR i.by <> k.by)
+        WHERE i.key = c.key AND (i.counter <> c.counter OR i.by <> c.by)
           AND i.applied_at > now() - make_interval(secs => $16))
 ),
 input AS (
@@ -109,6 +110,7 @@ offsets AS (
     ON CONFLICT (consumer_group, topic, kafka_partition) DO UPDATE
         SET next_offset = excluded.next_offset,
             closed_window_start = GREATEST(o.closed_window_start, excluded.closed_window_start),
+            previous_generation = o.generation,
             generation = excluded.generation,
             updated_at = now()
     RETURNING kafka_partition

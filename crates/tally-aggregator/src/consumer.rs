@@ -423,7 +423,7 @@ async fn update_mirror(
     generation: i64,
     partition_count: usize,
 ) {
-    let (marks, published_min) = {
+    let (marks, oldest_closed) = {
         let pending = lock(&shared.pending);
         let marks: Vec<PartitionMark> = pending
             .partitions
@@ -436,17 +436,19 @@ async fn update_mirror(
             .collect();
         // Readers combine window records with deltas for every window after the closed window
         // they know of, which is the one published, not the one just computed: records may only
-        // be dropped well before the oldest published one. Unknown: keep them all.
-        let published_min = pending
+        // be dropped well before the oldest published one. Before this aggregator published
+        // one, the closed window PostgreSQL held at the assignment stands in: the previous owner
+        // published up to about it. Unknown: keep them all.
+        let oldest_closed = pending
             .partitions
             .values()
-            .map(|progress| progress.published_closed_ms)
+            .map(|progress| progress.published_closed_ms.or(progress.closed_window_ms))
             .collect::<Option<Vec<i64>>>()
-            .and_then(|published| published.into_iter().min());
-        (marks, published_min)
+            .and_then(|closed| closed.into_iter().min());
+        (marks, oldest_closed)
     };
     let length = shared.window.length_ms;
-    let prune_before_ms = published_min
+    let prune_before_ms = oldest_closed
         .map(|closed| closed - SUMMARY_WINDOW_MARGIN * length)
         .unwrap_or_else(|| now_ms() - shared.delta_ttl_ms);
     let next_window_ms = shared.window.start_of(now_ms()) + length;
@@ -506,7 +508,12 @@ async fn update_mirror(
                 progress.mirrored_generation = progress.mirrored_generation.max(generation);
             }
         }
-        Err(error) => warn!(%error, "failed to record the mirrored generation in postgres"),
+        Err(error) => {
+            // Closed windows are published only after the commit is recorded as mirrored, so a
+            // rollback of what is published is always found; the next commit tries both again.
+            warn!(%error, "failed to record the mirrored generation in postgres");
+            return;
+        }
     }
     let closed: Vec<(i32, i64)> = lock(&shared.pending)
         .partitions

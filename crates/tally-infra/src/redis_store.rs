@@ -20,9 +20,30 @@ pub fn connect(config: &StoreConfig) -> anyhow::Result<ConnectionManager> {
         .context("failed to create the Redis connection manager")
 }
 
-pub async fn ping(connection: &mut ConnectionManager) -> redis::RedisResult<()> {
-    redis::cmd("PING")
-        .query_async::<String>(connection)
+/// The oldest Redis Tally works with: idempotency keys are claimed with `SET key value NX GET`,
+/// which Redis 7.0 introduced (older servers refuse NX with GET).
+const OLDEST_REDIS_MAJOR: u32 = 7;
+
+/// Whether Redis answers and is recent enough; the error says which it is not.
+pub async fn check_server(connection: &mut ConnectionManager) -> Result<(), String> {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(connection)
         .await
-        .map(|_| ())
+        .map_err(|error| format!("unreachable: {error}"))?;
+    let version = info
+        .lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .map(str::trim)
+        .unwrap_or("unknown");
+    let major: Option<u32> = version
+        .split('.')
+        .next()
+        .and_then(|major| major.parse().ok());
+    match major {
+        Some(major) if major < OLDEST_REDIS_MAJOR => Err(format!(
+            "redis {version} is too old: tally needs redis {OLDEST_REDIS_MAJOR}.0 or newer (it claims idempotency keys with SET NX GET)"
+        )),
+        _ => Ok(()),
+    }
 }

@@ -42,7 +42,21 @@ pub(crate) struct KeyClaims {
     /// How long an acknowledged use is remembered.
     remember_for: Duration,
     release: redis::Script,
+    acknowledge: redis::Script,
 }
+
+/// Records an acknowledged use, unless the key now stands for another use: a claim that expired
+/// under a slow request may have been taken by another request since, and its answer must stand.
+/// `ARGV` = the acknowledged value, the use, the TTL in seconds.
+const ACKNOWLEDGE_USE: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if current then
+  local use = string.match(current, '^A (.*)$') or string.match(current, '^P %S+ (.*)$') or current
+  if use ~= ARGV[2] then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+return 1
+"#;
 
 /// Deletes a claim only if it is still the one this request made.
 const RELEASE_CLAIM: &str = r#"
@@ -57,6 +71,7 @@ impl KeyClaims {
             claim_ttl,
             remember_for,
             release: redis::Script::new(RELEASE_CLAIM),
+            acknowledge: redis::Script::new(ACKNOWLEDGE_USE),
         }
     }
 
@@ -99,15 +114,30 @@ impl KeyClaims {
         }
     }
 
-    /// Records acknowledged uses, in a pipeline the caller sends (the one with the deltas).
-    pub(crate) fn acknowledge(&self, pipeline: &mut redis::Pipeline, key: &str, key_use: &KeyUse) {
-        pipeline
-            .set_ex(
-                self.redis_key(key),
-                format!("A {}", key_use.encode()),
-                self.remember_for.as_secs(),
-            )
-            .ignore();
+    /// Records an acknowledged use, in a pipeline the caller sends (the one with the deltas).
+    /// The first call for a pipeline loads the script in it: pipelined scripts run by EVALSHA.
+    pub(crate) fn acknowledge(
+        &self,
+        pipeline: &mut redis::Pipeline,
+        script_loaded: &mut bool,
+        key: &str,
+        key_use: &KeyUse,
+    ) {
+        if !*script_loaded {
+            pipeline
+                .cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(ACKNOWLEDGE_USE)
+                .ignore();
+            *script_loaded = true;
+        }
+        let encoded = key_use.encode();
+        let mut invocation = self.acknowledge.key(self.redis_key(key));
+        invocation
+            .arg(format!("A {encoded}"))
+            .arg(encoded)
+            .arg(self.remember_for.as_secs());
+        pipeline.invoke_script(&invocation).ignore();
     }
 
     /// Gives back the claims this request made, so a retry can go ahead. A claim that has

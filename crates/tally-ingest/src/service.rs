@@ -112,9 +112,13 @@ impl IngestService {
         pipeline: &PipelineConfig,
         config: &IngestConfig,
     ) -> Self {
-        // A claim outlives the longest a produce can take (the timeout, plus the delivery
-        // report's trip back), so it only ever expires under a request that died.
-        let claim_ttl = pipeline.produce_timeout() + Duration::from_secs(2);
+        // A claim outlives the longest a request can take: waiting in group commit behind the
+        // counter's records in flight, then its own produce, each up to the produce timeout
+        // plus the delivery report's trip back. It only expires under a request that died (or
+        // one stuck behind far more keyed increments than fit in one record).
+        let produce_at_most = pipeline.produce_timeout() + Duration::from_secs(1);
+        let claim_ttl = produce_at_most * (crate::group_commit::MAX_RECORDS_IN_FLIGHT as u32 + 1)
+            + Duration::from_secs(2);
         Self {
             producer,
             redis,
@@ -278,6 +282,7 @@ impl IngestService {
                 .collect();
             let applied = self.applied_uses(&keys).await;
             let mut known = redis::pipe();
+            let mut script_loaded = false;
             for position in ask_postgres {
                 let (key, index, this_use) = &first_items[position];
                 let Some(uses) = applied.get(*key) else {
@@ -285,7 +290,8 @@ impl IngestService {
                 };
                 if uses.contains(this_use) {
                     check.duplicates[*index] = true;
-                    self.claims.acknowledge(&mut known, key, this_use);
+                    self.claims
+                        .acknowledge(&mut known, &mut script_loaded, key, this_use);
                 } else {
                     refusal.get_or_insert(IngestError::KeyReused {
                         index: *index,
@@ -563,6 +569,7 @@ impl IngestService {
     async fn add_to_redis(&self, batch: &[CounterIncrements], window_start_ms: i64) {
         let now = now_ms();
         let mut pipeline = DeltaPipeline::new();
+        let mut acknowledge_loaded = false;
         let mut commands = 0;
         // Shard counts declared in this pipeline, confirmed once Redis took it.
         let mut declarations: Vec<(&str, u32)> = Vec::new();
@@ -579,8 +586,12 @@ impl IngestService {
                         counter: name.to_owned(),
                         by: keyed.by,
                     };
-                    self.claims
-                        .acknowledge(&mut pipeline.pipeline, &keyed.key, &key_use);
+                    self.claims.acknowledge(
+                        &mut pipeline.pipeline,
+                        &mut acknowledge_loaded,
+                        &keyed.key,
+                        &key_use,
+                    );
                     commands += 1;
                 }
                 if counter.by == 0 || counter.unclaimed_keys {

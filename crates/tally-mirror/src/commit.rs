@@ -218,6 +218,7 @@ impl Mirror {
             repairs: &repairs,
             partitions: Some(&owned),
             markers: MarkerTargets::Given(&targets),
+            partitions_without_floor: &[],
             windows_from_ms: commit.prune_before_ms,
         };
         match repair::repair_buckets(redis, &self.keys, pool, plan, &mut |_| {}).await {

@@ -20,11 +20,12 @@
 //!    that partition's commits are in it. Redis evicts a hash whole, and a restart, a rollback or
 //!    a failover takes the markers back with the summaries, so:
 //!    - no epoch: lost (flushed, evicted, an empty restart);
-//!    - a marker below the generation PostgreSQL records as mirrored: rolled back;
+//!    - a marker below the partition's previous generation in PostgreSQL: rolled back, or it
+//!      missed commits while Redis was unreachable;
 //!    - a counter missing from a trusted bucket: new, never lost.
 //!
 //!    Readers answer from PostgreSQL, flagged stale, for the counters of an untrusted bucket
-//!    ([`read`]); a reader that finds its Redis connection made anew (a restart, a failover)
+//!    ([`read`]); a reader that finds it talks to another Redis server (a restart, a failover)
 //!    checks the markers against a view of PostgreSQL taken after that.
 //! 4. **Loss is healed bucket by bucket.** Every aggregator commit visits every bucket and finds
 //!    the lost and rolled-back ones; the aggregator repairs them from PostgreSQL ([`commit`]), as
@@ -47,11 +48,11 @@ pub mod summary;
 pub mod value;
 
 pub use bucket::{BUCKETS, bucket_of};
-pub use closed::{ClosedWindows, publish_closed_windows, read_closed_windows};
+pub use closed::{ClosedWindows, RedisView, publish_closed_windows, read_view};
 pub use commit::{ApplyReport, CommitToMirror, PartitionMark, RepairPolicy};
 pub use deltas::{DeltaPipeline, DeltaWriter};
 pub use keys::KeySpace;
-pub use read::{MirrorRead, Untrusted};
+pub use read::Untrusted;
 pub use rebuild::{RebuildError, RebuildProgress, RebuildReport, RebuildSettings};
 pub use repair::RepairOutcome;
 pub use store::PartitionGenerations;

@@ -4,10 +4,12 @@
 //!
 //! A bucket is trusted for a counter when:
 //! - it has an epoch, the same before and after the read (it did not lose its data meanwhile);
-//! - its marker for the counter's partition is at least the generation PostgreSQL records as
-//!   mirrored for that partition (it did not come back from an older snapshot, or lose writes in
-//!   a failover); for a counter it has no summary of, every partition's marker is, which proves
-//!   the counter is new rather than lost;
+//! - its marker for the counter's partition is at least the partition's previous generation in
+//!   PostgreSQL: an aggregator copies a commit into every bucket before it makes the next, so a
+//!   bucket below it came back from an older snapshot, lost writes in a failover, or missed
+//!   commits while Redis was unreachable (and with them, deltas the ingest could not add). For a
+//!   counter it has no summary of, every committed partition's marker must be there and high
+//!   enough, which proves the counter is new rather than lost;
 //! - its `valid_from` is no later than the first window the read takes from the deltas (the
 //!   deltas of windows open when the bucket was lost may be missing writes);
 //! - the summary still has the window records of every window the read needs.
@@ -23,8 +25,13 @@ use crate::keys::{
     DELTA_NEGATIVE_FIELD, DELTA_POSITIVE_FIELD, EPOCH_FIELD, SHARD_COUNT_FIELD, VALID_FROM_FIELD,
     counter_field, generation_field,
 };
+use crate::store::PartitionGenerations;
 use crate::summary::CounterSummary;
 use crate::value::{WindowDeltas, combine_value};
+
+/// Most windows one read sums deltas over. Normally a few (the close delay over the window
+/// length); past this, the aggregator is far behind and PostgreSQL answers instead.
+const MAX_WINDOWS_PER_READ: usize = 120;
 
 /// Why a counter was not read from Redis.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,8 +43,11 @@ pub enum Untrusted {
     DeltasExpired,
     /// The counter's bucket has no epoch, or lost it during the read.
     BucketLost,
-    /// The bucket's marker is below what PostgreSQL records as mirrored: Redis lost writes.
+    /// The bucket's marker is below the partition's previous generation: Redis lost writes, or
+    /// missed commits while it was unreachable.
     BucketBehind,
+    /// The aggregator is so far behind that a read would have to sum too many windows.
+    AggregatorFarBehind,
     /// The bucket was rebuilt recently: the deltas the read needs may be incomplete.
     DeltasNotYetValid,
     /// The summary no longer has the window records the read needs.
@@ -53,6 +63,7 @@ impl Untrusted {
             Untrusted::DeltasExpired => "deltas_expired",
             Untrusted::BucketLost => "bucket_lost",
             Untrusted::BucketBehind => "bucket_behind",
+            Untrusted::AggregatorFarBehind => "aggregator_far_behind",
             Untrusted::DeltasNotYetValid => "deltas_not_yet_valid",
             Untrusted::SummaryIncomplete => "summary_incomplete",
             Untrusted::CorruptSummary => "corrupt_summary",
@@ -64,8 +75,8 @@ impl Untrusted {
 struct BucketState {
     epoch: Option<String>,
     valid_from_ms: i64,
-    /// Marker per partition (0 when absent).
-    markers: Vec<i64>,
+    /// Marker per partition, by number (None when absent).
+    markers: Vec<Option<i64>>,
 }
 
 /// One counter's part of the first round trip.
@@ -75,44 +86,34 @@ struct CounterReplies {
     windows: Vec<(u32, WindowDeltas)>,
 }
 
-/// What one read from Redis came to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MirrorRead {
-    /// The Redis connection's id (`CLIENT ID`) at the time of the read. It changes whenever the
-    /// connection is made again, as it is to a restarted Redis or to a replica that took over:
-    /// servers that may hold older data than the last one. A caller that sees it change must
-    /// check the read against a view of the mirrored generations taken after the change.
-    pub connection_id: i64,
-    /// The outer error is for the whole read; the inner, per counter.
-    pub values: Result<Vec<Result<i64, Untrusted>>, Untrusted>,
-}
-
 impl Mirror {
     /// Reads counters from Redis: at most two round trips (buckets and first shards, then the
-    /// other shards of hot counters). `mirrored` is PostgreSQL's mirrored generation per
-    /// partition, as the caller last read it (None when it could not: then lost writes are only
-    /// found by the aggregators).
+    /// other shards of hot counters). `generations` is PostgreSQL's view of each partition, as
+    /// the caller last read it (None when it could not: then lost writes are only found by the
+    /// aggregators' commits). The outer error is for the whole read; the inner, per counter.
     pub async fn read_values(
         &self,
         redis: &mut impl ConnectionLike,
         closed: &ClosedWindows,
-        mirrored: Option<&BTreeMap<i32, i64>>,
+        generations: Option<&BTreeMap<i32, PartitionGenerations>>,
         names: &[&str],
         now_ms: i64,
-    ) -> redis::RedisResult<MirrorRead> {
+    ) -> redis::RedisResult<Result<Vec<Result<i64, Untrusted>>, Untrusted>> {
         let length = self.window.length_ms;
         // A window's deltas expire delta_ttl after it; leave two windows of margin.
         if now_ms - closed.oldest_ms > self.delta_ttl_ms - 2 * length {
-            return Ok(MirrorRead {
-                connection_id: 0,
-                values: Err(Untrusted::DeltasExpired),
-            });
+            return Ok(Err(Untrusted::DeltasExpired));
         }
         // One window past now covers hosts whose clocks run a little ahead.
         let windows: Vec<i64> = self
             .window
             .starts_between(closed.oldest_ms, now_ms + length)
             .collect();
+        // Every window costs a command per counter: a partition whose aggregator is far behind
+        // (or refused for a gap in the log) must not make every read cost hundreds of them.
+        if windows.len() > MAX_WINDOWS_PER_READ {
+            return Ok(Err(Untrusted::AggregatorFarBehind));
+        }
         let partitions = closed.partition_count() as i32;
         let buckets: Vec<u32> = names.iter().map(|name| bucket_of(name)).collect();
         let mut names_by_bucket: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
@@ -121,7 +122,6 @@ impl Mirror {
         }
 
         let mut first = redis::pipe();
-        first.cmd("CLIENT").arg("ID");
         for (bucket, indexes) in &names_by_bucket {
             let command = first.cmd("HMGET").arg(self.keys.bucket(*bucket));
             command.arg(EPOCH_FIELD).arg(VALID_FROM_FIELD);
@@ -148,7 +148,6 @@ impl Mirror {
             first.hget(self.keys.bucket(*bucket), EPOCH_FIELD);
         }
         let mut replies = Replies::new(first.query_async(redis).await?);
-        let connection_id: i64 = replies.next_value()?;
 
         let mut states: HashMap<u32, BucketState> = HashMap::new();
         let mut summaries: Vec<Result<Option<CounterSummary>, Untrusted>> =
@@ -161,11 +160,7 @@ impl Mirror {
                 .and_then(|value| value.parse().ok())
                 .unwrap_or(0);
             let markers = (0..partitions)
-                .map(|_| {
-                    next_field()
-                        .and_then(|value| value.parse().ok())
-                        .unwrap_or(0)
-                })
+                .map(|_| next_field().and_then(|value| value.parse().ok()))
                 .collect();
             for index in indexes {
                 summaries[*index] = match next_field() {
@@ -279,7 +274,7 @@ impl Mirror {
                 let summary = counter.summary?;
                 let closed_window_ms =
                     closed.closed_for(summary.as_ref().map(|summary| summary.partition));
-                self.check_trust(state, summary.as_ref(), closed_window_ms, mirrored)?;
+                self.check_trust(state, summary.as_ref(), closed_window_ms, generations)?;
                 let open: Vec<(i64, WindowDeltas)> = windows
                     .iter()
                     .copied()
@@ -288,10 +283,7 @@ impl Mirror {
                 Ok(combine_value(summary.as_ref(), closed_window_ms, &open))
             })
             .collect();
-        Ok(MirrorRead {
-            connection_id,
-            values: Ok(values),
-        })
+        Ok(Ok(values))
     }
 
     fn check_trust(
@@ -299,25 +291,27 @@ impl Mirror {
         state: &BucketState,
         summary: Option<&CounterSummary>,
         closed_window_ms: i64,
-        mirrored: Option<&BTreeMap<i32, i64>>,
+        generations: Option<&BTreeMap<i32, PartitionGenerations>>,
     ) -> Result<(), Untrusted> {
         if state.epoch.is_none() {
             return Err(Untrusted::BucketLost);
         }
-        if let Some(mirrored) = mirrored {
-            let marker = |partition: i32| {
-                usize::try_from(partition)
+        if let Some(generations) = generations {
+            // A committed partition's marker must be there, at or above the commit before the
+            // latest (the latest may still be on its way into the buckets).
+            let holds = |partition: &PartitionGenerations| {
+                let marker = usize::try_from(partition.partition)
                     .ok()
-                    .and_then(|partition| state.markers.get(partition).copied())
-                    .unwrap_or(0)
+                    .and_then(|index| state.markers.get(index).copied())
+                    .flatten();
+                partition.generation == 0
+                    || marker.is_some_and(|marker| marker >= partition.previous_generation)
             };
             let behind = match summary {
-                Some(summary) => mirrored
+                Some(summary) => generations
                     .get(&summary.partition)
-                    .is_some_and(|mirrored| marker(summary.partition) < *mirrored),
-                None => mirrored
-                    .iter()
-                    .any(|(partition, mirrored)| marker(*partition) < *mirrored),
+                    .is_some_and(|partition| !holds(partition)),
+                None => generations.values().any(|partition| !holds(partition)),
             };
             if behind {
                 return Err(Untrusted::BucketBehind);

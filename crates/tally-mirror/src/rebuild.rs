@@ -134,6 +134,9 @@ impl Mirror {
             |closed| closed - settings.summary_window_margin * length,
         );
 
+        let uncommitted: Vec<i32> = (0..partition_count as i32)
+            .filter(|partition| !committed(*partition))
+            .collect();
         let mut remaining: Vec<u32> = (0..BUCKETS).collect();
         while !remaining.is_empty() && report.passes < MAX_PASSES {
             report.passes += 1;
@@ -204,6 +207,7 @@ impl Mirror {
                     group: settings.group,
                     topic: settings.topic,
                 },
+                partitions_without_floor: &uncommitted,
                 windows_from_ms,
             };
             let outcome = repair::repair_buckets(redis, &self.keys, pool, plan, &mut |outcome| {

@@ -23,9 +23,6 @@ const BUCKETS_PER_QUERY: usize = 64;
 /// Summaries per script call and per pipeline, so no call holds Redis for long and no round
 /// trip outlasts the response timeout: the ingest's and the readers' commands share Redis.
 const SUMMARIES_PER_CALL: usize = 2_000;
-/// From this many buckets on, a repair reads every recent window record at once rather than
-/// counter by counter.
-const BUCKETS_FOR_ONE_WINDOW_SCAN: usize = 32;
 
 /// Below every generation: counters last touched before generations existed have 0, and
 /// commits take the time in milliseconds.
@@ -127,6 +124,9 @@ pub(crate) struct RepairPlan<'a> {
     /// Only the counters of these partitions (the repairing aggregator's); None for all.
     pub(crate) partitions: Option<&'a [i32]>,
     pub(crate) markers: MarkerTargets<'a>,
+    /// Partitions whose markers need not hold a repair's starting generation: nothing was ever
+    /// committed for them when the repair was planned, so they may have no marker at all.
+    pub(crate) partitions_without_floor: &'a [i32],
     /// Window records from this window on go into the summaries.
     pub(crate) windows_from_ms: i64,
 }
@@ -144,6 +144,7 @@ pub(crate) async fn repair_buckets(
         repairs,
         partitions,
         markers,
+        partitions_without_floor,
         windows_from_ms,
     } = plan;
     let mut outcome = RepairOutcome::default();
@@ -164,15 +165,12 @@ pub(crate) async fn repair_buckets(
                 .collect()
         }
     };
-    let recent_windows = if repairs.len() >= BUCKETS_FOR_ONE_WINDOW_SCAN {
-        Some(store::load_recent_windows(&mut snapshot, windows_from_ms).await?)
-    } else {
-        None
-    };
+    let mut recent_windows = None;
     let writer = ChunkWriter {
         keys,
         script: redis::Script::new(scripts::REPAIR_BUCKET),
         marker_targets: &marker_targets,
+        partitions_without_floor,
     };
     let chunks: Vec<&[BucketRepair]> = repairs.chunks(BUCKETS_PER_QUERY).collect();
     let load = |chunk: &[BucketRepair]| RepairSelection {
@@ -184,7 +182,7 @@ pub(crate) async fn repair_buckets(
         windows_from_ms,
     };
     let mut loaded =
-        store::load_summaries(&mut snapshot, &load(chunks[0]), recent_windows.as_ref()).await?;
+        store::load_summaries(&mut snapshot, &load(chunks[0]), &mut recent_windows).await?;
     for (index, chunk) in chunks.iter().enumerate() {
         outcome.counters_read += loaded.len();
         // Reading the next chunk from PostgreSQL while this one goes to Redis: the two stores
@@ -195,7 +193,7 @@ pub(crate) async fn repair_buckets(
             async {
                 match &next {
                     Some(selection) => {
-                        store::load_summaries(&mut snapshot, selection, recent_windows.as_ref())
+                        store::load_summaries(&mut snapshot, selection, &mut recent_windows)
                             .await
                             .map(Some)
                     }
@@ -221,6 +219,7 @@ struct ChunkWriter<'a> {
     keys: &'a KeySpace,
     script: redis::Script,
     marker_targets: &'a [(i32, i64)],
+    partitions_without_floor: &'a [i32],
 }
 
 impl ChunkWriter<'_> {
@@ -301,13 +300,23 @@ impl ChunkWriter<'_> {
             Some(valid_from_ms) => invocation.arg(valid_from_ms),
             None => invocation.arg(""),
         };
-        if final_call {
-            invocation.arg(self.marker_targets.len());
-            for (partition, generation) in self.marker_targets {
-                invocation.arg(partition).arg(generation);
+        // Every call checks the floors: the bucket must still hold what the repair did not
+        // read, up to its starting generation. The markers rise with the last call only.
+        invocation.arg(self.marker_targets.len());
+        for (partition, generation) in self.marker_targets {
+            invocation.arg(partition);
+            if repair.after_generation == FROM_THE_START
+                || self.partitions_without_floor.contains(partition)
+            {
+                invocation.arg("");
+            } else {
+                invocation.arg(repair.after_generation);
             }
-        } else {
-            invocation.arg(0);
+            if final_call {
+                invocation.arg(*generation);
+            } else {
+                invocation.arg("");
+            }
         }
         for named in summaries {
             invocation.arg(&named.name).arg(named.summary.encode());

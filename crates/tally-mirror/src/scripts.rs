@@ -17,9 +17,9 @@
 /// marker, ...}` when a partition's marker is below what the bucket is known to hold (Redis lost
 /// writes, the bucket was rebuilt from an older snapshot of PostgreSQL, or the previous owner of
 /// the partition never copied its last commit), with when the bucket was created and the marker
-/// found (`""` when absent): nothing is written; `{4, epoch, name, ...}` when those counters' stored
-/// version is not the one before theirs (a commit is missing): the other counters are written,
-/// the markers are not raised.
+/// found (`""` when absent): nothing is written; `{4, epoch}` when some counter's stored version
+/// is not the one before its own (a commit is missing): the other counters are written, the
+/// markers are not raised.
 pub(crate) const APPLY_COMMIT: &str = r#"
 local bucket = KEYS[1]
 local epoch = redis.call('HGET', bucket, 'm:epoch')
@@ -39,7 +39,7 @@ end
 if #behind > 0 then
   return {3, epoch, redis.call('HGET', bucket, 'm:created') or '0', unpack(behind)}
 end
-local gaps = {}
+local gaps = 0
 while i <= #ARGV do
   local name, version, window_count = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 4])
   local field = 'c:' .. name
@@ -68,11 +68,11 @@ while i <= #ARGV do
     for _, start in ipairs(starts) do parts[#parts + 1] = start .. ' ' .. windows[start] end
     redis.call('HSET', bucket, field, table.concat(parts, ';'))
   elseif stored_version < version then
-    gaps[#gaps + 1] = name
+    gaps = gaps + 1
   end
   i = i + 5 + 3 * window_count
 end
-if #gaps > 0 then return {4, epoch, unpack(gaps)} end
+if gaps > 0 then return {4, epoch} end
 i = 4
 for _ = 1, partitions do
   local field = 'm:g:' .. ARGV[i]
@@ -88,19 +88,29 @@ return {1}
 /// Writes full summaries read from PostgreSQL into a bucket, and raises its markers.
 ///
 /// `KEYS[1]` = the bucket. `ARGV[1]` = the epoch the repair started from, `ARGV[2]` = a
-/// `valid_from` to raise the bucket's to (`""` for none), `ARGV[3]` = k, then k pairs
-/// (partition, generation) to raise the markers to, then pairs (name, encoded summary).
+/// `valid_from` to raise the bucket's to (`""` for none), `ARGV[3]` = k, then k triples
+/// (partition, floor, generation): the partition's marker must still be at least `floor` (`""`:
+/// no floor; an absent marker is below every floor), and rises to `generation` (`""`: stays).
+/// Then pairs (name, encoded summary).
 ///
 /// Returns -1 when the bucket's epoch is no longer `ARGV[1]` (it lost its data again while the
-/// repair read PostgreSQL): nothing is written, so a repair overtaken by another loss never marks
-/// a bucket complete. Else the number of summaries written; a summary the bucket holds in the same
-/// or a newer version is kept.
+/// repair read PostgreSQL) or a marker fell below its floor (it was rolled back meanwhile: the
+/// repair read only what came after the floor): nothing is written, so a repair overtaken by
+/// another loss never marks a bucket complete. Else the number of summaries written; a summary
+/// the bucket holds in the same or a newer version is kept.
 pub(crate) const REPAIR_BUCKET: &str = r#"
 local bucket = KEYS[1]
 if redis.call('HGET', bucket, 'm:epoch') ~= ARGV[1] then return -1 end
 local markers = tonumber(ARGV[3])
+local i = 4
+for _ = 1, markers do
+  if ARGV[i + 1] ~= '' then
+    local marker = redis.call('HGET', bucket, 'm:g:' .. ARGV[i])
+    if tonumber(marker or '-1') < tonumber(ARGV[i + 1]) then return -1 end
+  end
+  i = i + 3
+end
 local written = 0
-local i = 4 + 2 * markers
 while i <= #ARGV do
   local field = 'c:' .. ARGV[i]
   local version = tonumber(string.match(ARGV[i + 1], '^(%S+)'))
@@ -113,12 +123,14 @@ while i <= #ARGV do
 end
 i = 4
 for _ = 1, markers do
-  local field = 'm:g:' .. ARGV[i]
-  local marker = redis.call('HGET', bucket, field)
-  if not marker or tonumber(marker) < tonumber(ARGV[i + 1]) then
-    redis.call('HSET', bucket, field, ARGV[i + 1])
+  if ARGV[i + 2] ~= '' then
+    local field = 'm:g:' .. ARGV[i]
+    local marker = redis.call('HGET', bucket, field)
+    if not marker or tonumber(marker) < tonumber(ARGV[i + 2]) then
+      redis.call('HSET', bucket, field, ARGV[i + 2])
+    end
   end
-  i = i + 2
+  i = i + 3
 end
 if ARGV[2] ~= '' then
   local valid_from = redis.call('HGET', bucket, 'm:valid_from')

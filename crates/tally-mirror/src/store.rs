@@ -11,8 +11,11 @@ use crate::summary::{CounterSummary, NamedSummary, WindowRecords};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PartitionGenerations {
     pub partition: i32,
-    /// The generation of the partition's latest commit to PostgreSQL.
+    /// The generation of the partition's latest commit to PostgreSQL (0: never committed).
     pub generation: i64,
+    /// The generation of the commit before it: every bucket that holds data must have it, since
+    /// an aggregator copies a commit into the mirror before it makes the next one.
+    pub previous_generation: i64,
     /// The generation of its latest commit copied into every bucket that holds data.
     pub mirrored_generation: i64,
     /// Every record stamped with this window or earlier is applied.
@@ -25,8 +28,8 @@ pub async fn partition_generations(
     group: &str,
     topic: &str,
 ) -> Result<Vec<PartitionGenerations>, sqlx::Error> {
-    let rows: Vec<(i32, i64, i64, Option<i64>)> = sqlx::query_as(
-        "SELECT kafka_partition, generation, mirrored_generation,
+    let rows: Vec<(i32, i64, i64, i64, Option<i64>)> = sqlx::query_as(
+        "SELECT kafka_partition, generation, previous_generation, mirrored_generation,
                 (extract(epoch FROM closed_window_start) * 1000)::bigint
          FROM consumer_offsets WHERE consumer_group = $1 AND topic = $2
          ORDER BY kafka_partition",
@@ -38,11 +41,20 @@ pub async fn partition_generations(
     Ok(rows
         .into_iter()
         .map(
-            |(partition, generation, mirrored_generation, closed_window_ms)| PartitionGenerations {
+            |(
                 partition,
                 generation,
+                previous_generation,
                 mirrored_generation,
                 closed_window_ms,
+            )| {
+                PartitionGenerations {
+                    partition,
+                    generation,
+                    previous_generation,
+                    mirrored_generation,
+                    closed_window_ms,
+                }
             },
         )
         .collect())
@@ -85,14 +97,18 @@ pub struct RepairSelection {
 /// Window records by counter name.
 pub type WindowsByName = HashMap<String, BTreeMap<i64, WindowRecords>>;
 
+/// From this many counters in one chunk on, a repair reads every recent window record at once
+/// (one range scan, shared by the chunks that follow) rather than counter by counter.
+const COUNTERS_FOR_ONE_WINDOW_SCAN: usize = 5_000;
+
 /// Full summaries of the selected counters, with the bucket each belongs to. Their window
-/// records come from `windows` when given (see [`load_recent_windows`]), else they are read
-/// here, counter by counter. Call it inside one transaction (REPEATABLE READ) with whatever else
-/// must agree with it.
+/// records are read counter by counter for a small selection, and for a large one from every
+/// recent window record, read once into `recent_windows` and kept for the next call. Call it
+/// inside one transaction (REPEATABLE READ) with whatever else must agree with it.
 pub async fn load_summaries(
     connection: &mut PgConnection,
     selection: &RepairSelection,
-    windows: Option<&WindowsByName>,
+    recent_windows: &mut Option<WindowsByName>,
 ) -> Result<Vec<(u32, NamedSummary)>, sqlx::Error> {
     if selection.buckets.is_empty() {
         return Ok(Vec::new());
@@ -123,9 +139,12 @@ pub async fn load_summaries(
     if counters.is_empty() {
         return Ok(Vec::new());
     }
+    if recent_windows.is_none() && counters.len() >= COUNTERS_FOR_ONE_WINDOW_SCAN {
+        *recent_windows = Some(load_recent_windows(connection, selection.windows_from_ms).await?);
+    }
     let read_here;
-    let windows = match windows {
-        Some(windows) => windows,
+    let windows = match recent_windows {
+        Some(windows) => &*windows,
         None => {
             let names: Vec<&str> = counters.iter().map(|counter| counter.0.as_str()).collect();
             read_here = windows_of(connection, &names, selection.windows_from_ms).await?;
@@ -170,8 +189,8 @@ async fn windows_of(
 
 /// Every counter's window records from `windows_from_ms` on, in one range scan of
 /// `counter_windows_by_start`: cheaper than a probe per counter once a repair covers many
-/// buckets, since only recently active counters have recent windows.
-pub async fn load_recent_windows(
+/// counters, since only recently active counters have recent windows.
+async fn load_recent_windows(
     connection: &mut PgConnection,
     windows_from_ms: i64,
 ) -> Result<WindowsByName, sqlx::Error> {

@@ -1,7 +1,6 @@
 //! Where a counter is read: the in-process cache, then Redis, then PostgreSQL.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,23 +12,22 @@ use sqlx::PgPool;
 use tally_core::CounterName;
 use tally_infra::clock::now_ms;
 use tally_infra::config::{AggregatorConfig, PipelineConfig, ReadConfig, StoreConfig};
-use tally_mirror::{ClosedWindows, KeySpace, Mirror, Untrusted};
+use tally_mirror::{KeySpace, Mirror, PartitionGenerations, RedisView, Untrusted};
 use tracing::{debug, warn};
 
 use crate::metrics;
 
-/// How long a read reuses what it learned about the closed windows. An older closed window only
-/// makes a read look at more windows, never at wrong ones.
-const CLOSED_WINDOWS_REUSE: Duration = Duration::from_millis(250);
+/// How long a read reuses what it learned about the closed windows and the Redis server. An
+/// older closed window only makes a read look at more windows, never at wrong ones.
+const REDIS_VIEW_REUSE: Duration = Duration::from_millis(250);
 
-/// How often PostgreSQL's mirrored generations are read again. A bucket that lost writes is
-/// found once the generation it lost is in this view: within this long of the loss, or at once
-/// by the aggregator's next commit, whichever comes first.
-const MIRRORED_REFRESH: Duration = Duration::from_secs(1);
+/// How long a read trusts its view of PostgreSQL's generations. A bucket that lost writes is
+/// found once the generations it lost are in the view: within this long of the loss, at once
+/// when the Redis server changed, and by the aggregator's next commit in any case.
+const GENERATIONS_REUSE: Duration = Duration::from_secs(1);
 
-/// How long a read waits for the first view of the mirrored generations before it reads Redis
-/// without it (PostgreSQL may be down; the aggregators still find lost writes).
-const MIRRORED_FIRST_LOAD: Duration = Duration::from_secs(1);
+/// How long a read waits for PostgreSQL's generations before it reads Redis without them.
+const GENERATIONS_PATIENCE: Duration = Duration::from_secs(1);
 
 /// Where a value came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -64,11 +62,11 @@ pub enum ReadError {
 
 type SharedRead = Shared<BoxFuture<'static, Result<CounterValue, ReadError>>>;
 
-/// PostgreSQL's mirrored generation per partition, as last read.
-#[derive(Default)]
-struct MirroredView {
-    generations: Mutex<Option<(Instant, BTreeMap<i32, i64>)>>,
-    refreshing: AtomicBool,
+/// PostgreSQL's view of the partitions, and the Redis server it was taken for.
+struct GenerationsView {
+    read_at: Instant,
+    server_run_id: String,
+    generations: BTreeMap<i32, PartitionGenerations>,
 }
 
 pub struct ReadService {
@@ -82,13 +80,12 @@ pub struct ReadService {
     /// A value being fetched or fetched less than the TTL ago, per name. Concurrent reads of a
     /// name share the entry, so a hammered name costs one fetch per TTL per process.
     cache: moka::sync::Cache<CounterName, SharedRead>,
-    /// std Mutex: held only to copy or replace the value, never across an await.
-    closed_windows: Mutex<Option<(Instant, ClosedWindows)>>,
-    mirrored: Arc<MirroredView>,
-    /// The Redis connection id the mirrored view was last checked against. tokio's Mutex: a
-    /// read that finds the connection new holds it while it reads PostgreSQL, so the reads behind
-    /// it wait for that view instead of trusting the new server without one.
-    checked_connection: tokio::sync::Mutex<Option<i64>>,
+    /// std Mutexes: held only to copy or replace the value, never across an await.
+    redis_view: Mutex<Option<(Instant, RedisView)>>,
+    generations: Mutex<Option<GenerationsView>>,
+    /// tokio's Mutex: one read at a time asks PostgreSQL for the generations, and the reads
+    /// behind it wait for that view rather than trusting Redis without one.
+    generations_refresh: tokio::sync::Mutex<()>,
 }
 
 impl ReadService {
@@ -117,9 +114,9 @@ impl ReadService {
                 .max_capacity(config.read_cache_capacity as u64)
                 .time_to_live(cache_ttl.max(Duration::from_millis(1)))
                 .build(),
-            closed_windows: Mutex::new(None),
-            mirrored: Arc::default(),
-            checked_connection: tokio::sync::Mutex::new(None),
+            redis_view: Mutex::new(None),
+            generations: Mutex::new(None),
+            generations_refresh: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -174,7 +171,7 @@ impl ReadService {
             .collect();
         let outcomes = join_all(reads.iter().map(|(read, _)| read.clone())).await;
         let mut values = Vec::with_capacity(outcomes.len());
-        for ((outcome, (_, from_cache)), name) in outcomes.into_iter().zip(&reads).zip(&names) {
+        for (outcome, (_, from_cache)) in outcomes.into_iter().zip(&reads) {
             match outcome {
                 Ok(mut value) => {
                     if *from_cache {
@@ -184,8 +181,11 @@ impl ReadService {
                     values.push(value);
                 }
                 Err(error) => {
-                    // Never keep a failure: the next read tries the stores again.
-                    self.cache.invalidate(name);
+                    // Never keep a failure: the next read tries the stores again. Every name of
+                    // this read shares the failed fetch (or one as young), so none is kept.
+                    for name in &names {
+                        self.cache.invalidate(name);
+                    }
                     return Err(error);
                 }
             }
@@ -270,26 +270,17 @@ impl ReadService {
         names: &[CounterName],
     ) -> redis::RedisResult<Result<Vec<Result<i64, Untrusted>>, Untrusted>> {
         let mut redis = self.redis.clone();
-        let Some(closed) = self.closed_windows(&mut redis).await? else {
+        let view = self.redis_view(&mut redis).await?;
+        let Some(closed) = view.closed else {
             return Ok(Err(Untrusted::NoClosedWindows));
         };
-        let mirrored = self.mirrored_generations().await;
+        let generations = self.generations_for(&view.server_run_id).await;
         let wanted: Vec<&str> = names.iter().map(CounterName::as_str).collect();
-        let mut read = self
+        let per_name = match self
             .mirror
-            .read_values(&mut redis, &closed, mirrored.as_ref(), &wanted, now_ms())
-            .await?;
-        if read.values.is_ok() && !self.connection_checked(read.connection_id).await {
-            // A new connection may lead to a Redis that restarted from an older snapshot, or
-            // a replica that missed the last writes: only a view of the mirrored generations
-            // taken now can tell. Read again against it.
-            let mirrored = self.refresh_mirrored_now(read.connection_id).await;
-            read = self
-                .mirror
-                .read_values(&mut redis, &closed, mirrored.as_ref(), &wanted, now_ms())
-                .await?;
-        }
-        let per_name = match read.values {
+            .read_values(&mut redis, &closed, generations.as_ref(), &wanted, now_ms())
+            .await?
+        {
             Ok(per_name) => per_name,
             Err(untrusted) => return Ok(Err(untrusted)),
         };
@@ -303,94 +294,93 @@ impl ReadService {
         Ok(Ok(per_name))
     }
 
-    async fn closed_windows(
-        &self,
-        redis: &mut ConnectionManager,
-    ) -> redis::RedisResult<Option<ClosedWindows>> {
+    async fn redis_view(&self, redis: &mut ConnectionManager) -> redis::RedisResult<RedisView> {
         {
             let cached = self
-                .closed_windows
+                .redis_view
                 .lock()
-                .expect("the closed windows lock should never be poisoned");
-            if let Some((read_at, closed)) = cached.as_ref()
-                && read_at.elapsed() < CLOSED_WINDOWS_REUSE
+                .expect("the redis view lock should never be poisoned");
+            if let Some((read_at, view)) = cached.as_ref()
+                && read_at.elapsed() < REDIS_VIEW_REUSE
             {
-                return Ok(Some(closed.clone()));
+                return Ok(view.clone());
             }
         }
-        let closed = tally_mirror::read_closed_windows(redis, self.mirror.keys()).await?;
-        if let Some(closed) = &closed {
-            *self
-                .closed_windows
-                .lock()
-                .expect("the closed windows lock should never be poisoned") =
-                Some((Instant::now(), closed.clone()));
-        }
-        Ok(closed)
+        let view = tally_mirror::read_view(redis, self.mirror.keys()).await?;
+        *self
+            .redis_view
+            .lock()
+            .expect("the redis view lock should never be poisoned") =
+            Some((Instant::now(), view.clone()));
+        Ok(view)
     }
 
-    /// PostgreSQL's mirrored generations, as recently as [`MIRRORED_REFRESH`]. The first read
-    /// waits for them briefly; later ones use what is there and refresh it in the background.
-    async fn mirrored_generations(&self) -> Option<BTreeMap<i32, i64>> {
-        let current = self
-            .mirrored
-            .generations
-            .lock()
-            .expect("the mirrored view lock should never be poisoned")
-            .clone();
-        match current {
-            Some((read_at, generations)) => {
-                if read_at.elapsed() >= MIRRORED_REFRESH
-                    && !self.mirrored.refreshing.swap(true, Ordering::AcqRel)
-                {
-                    let view = Arc::clone(&self.mirrored);
-                    let (pool, group, topic) =
-                        (self.pool.clone(), self.group.clone(), self.topic.clone());
-                    tokio::spawn(async move {
-                        refresh_mirrored(&view, &pool, &group, &topic).await;
-                        view.refreshing.store(false, Ordering::Release);
-                    });
-                }
-                Some(generations)
-            }
-            None => {
-                let first = refresh_mirrored(&self.mirrored, &self.pool, &self.group, &self.topic);
-                let _ = tokio::time::timeout(MIRRORED_FIRST_LOAD, first).await;
-                self.mirrored
+    /// PostgreSQL's generations, read at most [`GENERATIONS_REUSE`] ago and for this Redis
+    /// server: a server that changed may hold older data than the view was checked against.
+    /// When PostgreSQL does not answer, the last view (if any) is used.
+    async fn generations_for(
+        &self,
+        server_run_id: &str,
+    ) -> Option<BTreeMap<i32, PartitionGenerations>> {
+        if let Some(current) = self.current_generations(server_run_id) {
+            return Some(current);
+        }
+        let _refreshing = self.generations_refresh.lock().await;
+        // Another read may have refreshed it while this one waited.
+        if let Some(current) = self.current_generations(server_run_id) {
+            return Some(current);
+        }
+        let query =
+            tally_mirror::store::partition_generations(&self.pool, &self.group, &self.topic);
+        match tokio::time::timeout(GENERATIONS_PATIENCE, query).await {
+            Ok(Ok(partitions)) => {
+                let generations: BTreeMap<i32, PartitionGenerations> = partitions
+                    .into_iter()
+                    .map(|partition| (partition.partition, partition))
+                    .collect();
+                *self
                     .generations
                     .lock()
-                    .expect("the mirrored view lock should never be poisoned")
-                    .as_ref()
-                    .map(|(_, generations)| generations.clone())
+                    .expect("the generations lock should never be poisoned") =
+                    Some(GenerationsView {
+                        read_at: Instant::now(),
+                        server_run_id: server_run_id.to_owned(),
+                        generations: generations.clone(),
+                    });
+                Some(generations)
+            }
+            Ok(Err(error)) => {
+                debug!(%error, "could not read the partitions' generations from postgres");
+                self.last_generations()
+            }
+            Err(_) => {
+                debug!("postgres did not give the partitions' generations in time");
+                self.last_generations()
             }
         }
     }
 
-    /// Whether the mirrored view was checked against this Redis connection already.
-    async fn connection_checked(&self, connection_id: i64) -> bool {
-        *self.checked_connection.lock().await == Some(connection_id)
-    }
-
-    /// Reads the mirrored generations now, for a Redis connection not seen before, and
-    /// remembers the connection once the view is taken. When PostgreSQL cannot answer, the
-    /// connection is still remembered: the aggregators' commits find lost writes by themselves.
-    async fn refresh_mirrored_now(&self, connection_id: i64) -> Option<BTreeMap<i32, i64>> {
-        let mut checked = self.checked_connection.lock().await;
-        if *checked != Some(connection_id) {
-            let _ = tokio::time::timeout(
-                MIRRORED_FIRST_LOAD,
-                refresh_mirrored(&self.mirrored, &self.pool, &self.group, &self.topic),
-            )
-            .await;
-            *checked = Some(connection_id);
-        }
-        drop(checked);
-        self.mirrored
+    fn current_generations(
+        &self,
+        server_run_id: &str,
+    ) -> Option<BTreeMap<i32, PartitionGenerations>> {
+        let view = self
             .generations
             .lock()
-            .expect("the mirrored view lock should never be poisoned")
+            .expect("the generations lock should never be poisoned");
+        view.as_ref()
+            .filter(|view| {
+                view.server_run_id == server_run_id && view.read_at.elapsed() < GENERATIONS_REUSE
+            })
+            .map(|view| view.generations.clone())
+    }
+
+    fn last_generations(&self) -> Option<BTreeMap<i32, PartitionGenerations>> {
+        self.generations
+            .lock()
+            .expect("the generations lock should never be poisoned")
             .as_ref()
-            .map(|(_, generations)| generations.clone())
+            .map(|view| view.generations.clone())
     }
 
     async fn fetch_from_postgres(
@@ -407,23 +397,6 @@ impl ReadService {
             .with_label_values(&["postgres"])
             .inc_by(names.len() as u64);
         Ok(rows.into_iter().collect())
-    }
-}
-
-async fn refresh_mirrored(view: &MirroredView, pool: &PgPool, group: &str, topic: &str) {
-    match tally_mirror::store::partition_generations(pool, group, topic).await {
-        Ok(partitions) => {
-            let generations = partitions
-                .into_iter()
-                .map(|partition| (partition.partition, partition.mirrored_generation))
-                .collect();
-            *view
-                .generations
-                .lock()
-                .expect("the mirrored view lock should never be poisoned") =
-                Some((Instant::now(), generations));
-        }
-        Err(error) => debug!(%error, "could not read the mirrored generations from postgres"),
     }
 }
 

@@ -90,9 +90,13 @@ pub async fn readyz(State(dependencies): State<Arc<Dependencies>>) -> Response {
 
 async fn check_redis(dependencies: &Dependencies) -> Result<(), String> {
     let mut redis = dependencies.redis.clone();
-    match tokio::time::timeout(CHECK_TIMEOUT, tally_infra::redis_store::ping(&mut redis)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err(format!("unreachable: {error}")),
+    match tokio::time::timeout(
+        CHECK_TIMEOUT,
+        tally_infra::redis_store::check_server(&mut redis),
+    )
+    .await
+    {
+        Ok(outcome) => outcome,
         Err(_) => Err("timed out".into()),
     }
 }

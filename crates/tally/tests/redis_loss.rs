@@ -133,6 +133,46 @@ async fn redis_restarted_from_an_older_snapshot_never_shows_old_values_as_fresh(
     println!("after the restart from the snapshot: {stale} stale reads, {from_redis} from redis");
 }
 
+/// Redis down for a few windows, its data intact (saved at the stop, loaded at the start): the
+/// ingest's deltas of those windows are lost, and the aggregator's commits never reached the
+/// summaries. When Redis is back, no read may take its old summaries plus its incomplete deltas
+/// for fresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_missed_commits_while_down_is_not_trusted_until_it_caught_up() {
+    let mut redis = OwnRedis::start_persistent();
+    let app = spawn_app_healing(redis.url(), true).await;
+    increment_until_aggregated(&app, "missed", 10, 10).await;
+    let _: String = redis_command(&redis.url(), &redis::cmd("SAVE")).await;
+    redis.stop();
+    // Acknowledged by Kafka; its delta cannot reach Redis.
+    assert_eq!(app.increment("missed", 5).await.status(), 202);
+    wait_until(
+        Duration::from_secs(30),
+        "postgres applied the increment made while redis was down",
+        || async {
+            app.postgres_totals_of(&["missed".to_owned()])
+                .await
+                .get("missed")
+                == Some(&15)
+        },
+    )
+    .await;
+    // A few more windows, each committed while Redis cannot take it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.restart_from_snapshot();
+    let (stale, from_redis) = watch_reads(&app, "missed", 15, Duration::from_secs(6)).await;
+    wait_until(
+        Duration::from_secs(30),
+        "redis serves the exact value again",
+        || async {
+            let read = app.read("missed", true).await;
+            read["source"] == "redis" && read["value"] == 15
+        },
+    )
+    .await;
+    println!("after redis came back: {stale} stale reads, {from_redis} from redis");
+}
+
 /// A counter whose Redis keys were evicted (as `maxmemory` with an LRU policy does to a cache)
 /// is never read as 0: Tally notices, answers from PostgreSQL, and heals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
