@@ -494,25 +494,25 @@ async fn update_mirror(
     if !report.complete() {
         return;
     }
-    match tally_mirror::store::record_mirrored(
-        &shared.pool,
-        &shared.group,
-        &shared.topic,
-        &owned,
-        generation,
-    )
-    .await
-    {
-        Ok(()) => {
-            for progress in lock(&shared.pending).partitions.values_mut() {
-                progress.mirrored_generation = progress.mirrored_generation.max(generation);
+    // Mirrored means every bucket that holds data took the commit; a bucket left for the
+    // replay is being rebuilt from some snapshot, so the record waits until none is left. The
+    // aggregator tells a rollback from a late rebuild by it.
+    if report.buckets_left == 0 {
+        match tally_mirror::store::record_mirrored(
+            &shared.pool,
+            &shared.group,
+            &shared.topic,
+            &owned,
+            generation,
+        )
+        .await
+        {
+            Ok(()) => {
+                for progress in lock(&shared.pending).partitions.values_mut() {
+                    progress.mirrored_generation = progress.mirrored_generation.max(generation);
+                }
             }
-        }
-        Err(error) => {
-            // Closed windows are published only after the commit is recorded as mirrored, so a
-            // rollback of what is published is always found; the next commit tries both again.
-            warn!(%error, "failed to record the mirrored generation in postgres");
-            return;
+            Err(error) => warn!(%error, "failed to record the mirrored generation in postgres"),
         }
     }
     let closed: Vec<(i32, i64)> = lock(&shared.pending)
@@ -553,7 +553,8 @@ async fn mirror_never_existed(shared: &Shared, marks: &[PartitionMark]) -> bool 
     match tally_mirror::store::partition_generations(&shared.pool, &shared.group, &shared.topic)
         .await
     {
-        Ok(partitions) => partitions
+        Ok(generations) => generations
+            .partitions
             .iter()
             .all(|partition| partition.mirrored_generation == 0),
         // Unknown: assume the mirror existed, which only delays trusting new buckets.

@@ -47,38 +47,27 @@ pub async fn publish_closed_windows(
     invocation.invoke_async::<i64>(connection).await.map(|_| ())
 }
 
-/// What a reader learns from Redis before it reads counters.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RedisView {
-    /// None while some partition has no published closed window.
-    pub closed: Option<ClosedWindows>,
-    /// The Redis server's `run_id`: new for every start of a server, so it changes when Redis
-    /// restarts (maybe from an older snapshot) or another server takes over (maybe a replica
-    /// that missed writes). Either may hold older data than the last one.
-    pub server_run_id: String,
-}
-
-/// The closed windows and the server's identity, in one round trip.
-pub async fn read_view(
+/// The published closed windows, or None while some partition has none (after Redis lost the
+/// hash, until the aggregators publish again).
+pub async fn read_closed_windows(
     connection: &mut impl ConnectionLike,
     keys: &KeySpace,
-) -> redis::RedisResult<RedisView> {
-    let (fields, info): (Vec<(String, String)>, String) = redis::pipe()
-        .hgetall(keys.closed())
-        .cmd("INFO")
-        .arg("server")
+) -> redis::RedisResult<Option<ClosedWindows>> {
+    let fields: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(keys.closed())
         .query_async(connection)
         .await?;
-    let server_run_id = info
+    Ok(parse_closed_windows(&fields))
+}
+
+/// The `run_id` line of `INFO server`.
+pub(crate) fn run_id_in(server_info: &str) -> String {
+    server_info
         .lines()
         .find_map(|line| line.strip_prefix("run_id:"))
         .unwrap_or_default()
         .trim()
-        .to_owned();
-    Ok(RedisView {
-        closed: parse_closed_windows(&fields),
-        server_run_id,
-    })
+        .to_owned()
 }
 
 fn parse_closed_windows(fields: &[(String, String)]) -> Option<ClosedWindows> {

@@ -6,7 +6,7 @@
 //! bucket's marker for a partition is therefore the generation up to which it holds that
 //! partition's commits, and a bucket that comes back with less than it had (a restart from an
 //! older snapshot, a failover that lost writes, an eviction) is found by the next commit, or by a
-//! reader comparing the marker with what PostgreSQL recorded as mirrored.
+//! reader comparing the marker with the partition's previous generation in PostgreSQL.
 
 use std::collections::BTreeMap;
 
@@ -31,7 +31,8 @@ pub struct PartitionMark {
     /// The generation every bucket is known to hold for the partition: the aggregator's last
     /// commit it copied everywhere, or, after an assignment, the partition's latest commit.
     pub known_generation: i64,
-    /// What PostgreSQL records as mirrored: a bucket whose marker is below it lost writes.
+    /// What PostgreSQL records as mirrored: a bucket created before it whose marker is below it
+    /// had that commit and lost it (rolled back), rather than being rebuilt without it.
     pub mirrored_generation: i64,
 }
 

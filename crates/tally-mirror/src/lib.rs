@@ -48,14 +48,14 @@ pub mod summary;
 pub mod value;
 
 pub use bucket::{BUCKETS, bucket_of};
-pub use closed::{ClosedWindows, RedisView, publish_closed_windows, read_view};
+pub use closed::{ClosedWindows, publish_closed_windows, read_closed_windows};
 pub use commit::{ApplyReport, CommitToMirror, PartitionMark, RepairPolicy};
 pub use deltas::{DeltaPipeline, DeltaWriter};
 pub use keys::KeySpace;
-pub use read::Untrusted;
+pub use read::{MarkerFloors, MirrorRead, Untrusted};
 pub use rebuild::{RebuildError, RebuildProgress, RebuildReport, RebuildSettings};
 pub use repair::RepairOutcome;
-pub use store::PartitionGenerations;
+pub use store::{Generations, PartitionGenerations};
 pub use summary::{CommittedCounter, CounterSummary, WindowRecords};
 
 use tally_core::WindowSpec;

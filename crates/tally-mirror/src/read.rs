@@ -4,12 +4,14 @@
 //!
 //! A bucket is trusted for a counter when:
 //! - it has an epoch, the same before and after the read (it did not lose its data meanwhile);
-//! - its marker for the counter's partition is at least the partition's previous generation in
-//!   PostgreSQL: an aggregator copies a commit into every bucket before it makes the next, so a
-//!   bucket below it came back from an older snapshot, lost writes in a failover, or missed
-//!   commits while Redis was unreachable (and with them, deltas the ingest could not add). For a
-//!   counter it has no summary of, every committed partition's marker must be there and high
-//!   enough, which proves the counter is new rather than lost;
+//! - its marker for the counter's partition is at least the partition's floor ([`MarkerFloors`]):
+//!   the previous generation in PostgreSQL, since an aggregator copies a commit into every bucket
+//!   before it makes the next, so a bucket below it came back from an older snapshot, lost writes
+//!   in a failover, or missed commits while Redis was unreachable (and with them, deltas the
+//!   ingest could not add); and the latest generation for a commit made before the Redis server
+//!   was first seen, since a server that restarted or took over may have lost even that one. For
+//!   a counter it has no summary of, every committed partition's marker must be there and at its
+//!   floor, which proves the counter is new rather than lost;
 //! - its `valid_from` is no later than the first window the read takes from the deltas (the
 //!   deltas of windows open when the bucket was lost may be missing writes);
 //! - the summary still has the window records of every window the read needs.
@@ -86,23 +88,65 @@ struct CounterReplies {
     windows: Vec<(u32, WindowDeltas)>,
 }
 
+/// Per partition, the lowest marker a bucket may have and still be trusted for the partition's
+/// counters. A partition nothing was committed for has no floor: a bucket needs no marker for it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MarkerFloors(pub BTreeMap<i32, i64>);
+
+impl MarkerFloors {
+    /// The floors for reading a Redis server first seen at `server_seen_ms`, both by
+    /// PostgreSQL's clock. A commit made before the server was seen must be in it whole; for a
+    /// later one, the commit before it must (the latest may still be on its way into the
+    /// buckets, and the aggregator makes it only after copying the one before).
+    pub fn for_server(partitions: &[PartitionGenerations], server_seen_ms: i64) -> Self {
+        Self(
+            partitions
+                .iter()
+                .filter(|partition| partition.generation > 0)
+                .map(|partition| {
+                    let floor = if partition.committed_at_ms < server_seen_ms {
+                        partition.generation
+                    } else {
+                        partition.previous_generation
+                    };
+                    (partition.partition, floor)
+                })
+                .collect(),
+        )
+    }
+}
+
+/// What one read from Redis came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorRead {
+    /// The `run_id` of the Redis server that answered. A caller whose floors were made for
+    /// another server must make them anew and read again: this one may hold older data.
+    pub server_run_id: String,
+    /// The outer error is for the whole read; the inner, per counter.
+    pub values: Result<Vec<Result<i64, Untrusted>>, Untrusted>,
+}
+
 impl Mirror {
     /// Reads counters from Redis: at most two round trips (buckets and first shards, then the
-    /// other shards of hot counters). `generations` is PostgreSQL's view of each partition, as
-    /// the caller last read it (None when it could not: then lost writes are only found by the
-    /// aggregators' commits). The outer error is for the whole read; the inner, per counter.
+    /// other shards of hot counters). `floors` come from PostgreSQL's view of each partition
+    /// ([`MarkerFloors::for_server`]; None when PostgreSQL could not be read: then lost writes
+    /// are only found by the aggregators' commits).
     pub async fn read_values(
         &self,
         redis: &mut impl ConnectionLike,
         closed: &ClosedWindows,
-        generations: Option<&BTreeMap<i32, PartitionGenerations>>,
+        floors: Option<&MarkerFloors>,
         names: &[&str],
         now_ms: i64,
-    ) -> redis::RedisResult<Result<Vec<Result<i64, Untrusted>>, Untrusted>> {
+    ) -> redis::RedisResult<MirrorRead> {
         let length = self.window.length_ms;
+        let untrusted = |reason| MirrorRead {
+            server_run_id: String::new(),
+            values: Err(reason),
+        };
         // A window's deltas expire delta_ttl after it; leave two windows of margin.
         if now_ms - closed.oldest_ms > self.delta_ttl_ms - 2 * length {
-            return Ok(Err(Untrusted::DeltasExpired));
+            return Ok(untrusted(Untrusted::DeltasExpired));
         }
         // One window past now covers hosts whose clocks run a little ahead.
         let windows: Vec<i64> = self
@@ -112,7 +156,7 @@ impl Mirror {
         // Every window costs a command per counter: a partition whose aggregator is far behind
         // (or refused for a gap in the log) must not make every read cost hundreds of them.
         if windows.len() > MAX_WINDOWS_PER_READ {
-            return Ok(Err(Untrusted::AggregatorFarBehind));
+            return Ok(untrusted(Untrusted::AggregatorFarBehind));
         }
         let partitions = closed.partition_count() as i32;
         let buckets: Vec<u32> = names.iter().map(|name| bucket_of(name)).collect();
@@ -122,6 +166,9 @@ impl Mirror {
         }
 
         let mut first = redis::pipe();
+        // Which server answers, in the same round trip: a restart or a failover between the
+        // caller's view and this read would otherwise go unseen.
+        first.cmd("INFO").arg("server");
         for (bucket, indexes) in &names_by_bucket {
             let command = first.cmd("HMGET").arg(self.keys.bucket(*bucket));
             command.arg(EPOCH_FIELD).arg(VALID_FROM_FIELD);
@@ -148,6 +195,8 @@ impl Mirror {
             first.hget(self.keys.bucket(*bucket), EPOCH_FIELD);
         }
         let mut replies = Replies::new(first.query_async(redis).await?);
+        let server_info: String = replies.next_value()?;
+        let server_run_id = crate::closed::run_id_in(&server_info);
 
         let mut states: HashMap<u32, BucketState> = HashMap::new();
         let mut summaries: Vec<Result<Option<CounterSummary>, Untrusted>> =
@@ -274,7 +323,7 @@ impl Mirror {
                 let summary = counter.summary?;
                 let closed_window_ms =
                     closed.closed_for(summary.as_ref().map(|summary| summary.partition));
-                self.check_trust(state, summary.as_ref(), closed_window_ms, generations)?;
+                self.check_trust(state, summary.as_ref(), closed_window_ms, floors)?;
                 let open: Vec<(i64, WindowDeltas)> = windows
                     .iter()
                     .copied()
@@ -283,7 +332,10 @@ impl Mirror {
                 Ok(combine_value(summary.as_ref(), closed_window_ms, &open))
             })
             .collect();
-        Ok(Ok(values))
+        Ok(MirrorRead {
+            server_run_id,
+            values: Ok(values),
+        })
     }
 
     fn check_trust(
@@ -291,27 +343,26 @@ impl Mirror {
         state: &BucketState,
         summary: Option<&CounterSummary>,
         closed_window_ms: i64,
-        generations: Option<&BTreeMap<i32, PartitionGenerations>>,
+        floors: Option<&MarkerFloors>,
     ) -> Result<(), Untrusted> {
         if state.epoch.is_none() {
             return Err(Untrusted::BucketLost);
         }
-        if let Some(generations) = generations {
-            // A committed partition's marker must be there, at or above the commit before the
-            // latest (the latest may still be on its way into the buckets).
-            let holds = |partition: &PartitionGenerations| {
-                let marker = usize::try_from(partition.partition)
+        if let Some(MarkerFloors(floors)) = floors {
+            let holds = |partition: i32, floor: i64| {
+                usize::try_from(partition)
                     .ok()
                     .and_then(|index| state.markers.get(index).copied())
-                    .flatten();
-                partition.generation == 0
-                    || marker.is_some_and(|marker| marker >= partition.previous_generation)
+                    .flatten()
+                    .is_some_and(|marker| marker >= floor)
             };
             let behind = match summary {
-                Some(summary) => generations
+                Some(summary) => floors
                     .get(&summary.partition)
-                    .is_some_and(|partition| !holds(partition)),
-                None => generations.values().any(|partition| !holds(partition)),
+                    .is_some_and(|floor| !holds(summary.partition, *floor)),
+                None => floors
+                    .iter()
+                    .any(|(partition, floor)| !holds(*partition, *floor)),
             };
             if behind {
                 return Err(Untrusted::BucketBehind);
@@ -355,6 +406,36 @@ impl Replies {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn partition(
+        partition: i32,
+        generation: i64,
+        previous: i64,
+        committed_at_ms: i64,
+    ) -> PartitionGenerations {
+        PartitionGenerations {
+            partition,
+            generation,
+            previous_generation: previous,
+            mirrored_generation: 0,
+            closed_window_ms: None,
+            committed_at_ms,
+        }
+    }
+
+    #[test]
+    fn floors_want_every_commit_made_before_the_server_was_seen() {
+        let partitions = [
+            // Committed before the server was first seen (at 1_000): it must hold the latest.
+            partition(0, 900, 800, 900),
+            // Committed since: the latest may be on its way; the one before must be in.
+            partition(1, 1_500, 1_400, 1_500),
+            // Never committed: no marker needed.
+            partition(2, 0, 0, 0),
+        ];
+        let floors = MarkerFloors::for_server(&partitions, 1_000);
+        assert_eq!(floors.0, BTreeMap::from([(0, 900), (1, 1_400)]));
+    }
 
     #[test]
     fn a_missing_reply_is_an_error_not_a_nil() {

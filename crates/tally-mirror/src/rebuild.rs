@@ -93,8 +93,9 @@ impl Mirror {
     ) -> Result<RebuildReport, RebuildError> {
         let started = Instant::now();
         let mut report = RebuildReport::default();
-        let generations =
-            store::partition_generations(pool, settings.group, settings.topic).await?;
+        let generations = store::partition_generations(pool, settings.group, settings.topic)
+            .await?
+            .partitions;
         let partition_count = generations
             .iter()
             .map(|partition| partition.partition as usize + 1)

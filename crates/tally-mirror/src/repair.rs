@@ -160,6 +160,7 @@ pub(crate) async fn repair_buckets(
         MarkerTargets::CommittedInSnapshot { group, topic } => {
             store::partition_generations(&mut *snapshot, group, topic)
                 .await?
+                .partitions
                 .into_iter()
                 .map(|partition| (partition.partition, partition.generation))
                 .collect()

@@ -20,6 +20,15 @@ pub struct PartitionGenerations {
     pub mirrored_generation: i64,
     /// Every record stamped with this window or earlier is applied.
     pub closed_window_ms: Option<i64>,
+    /// When the latest commit was made, by PostgreSQL's clock (Unix ms).
+    pub committed_at_ms: i64,
+}
+
+/// Every partition's generations, and PostgreSQL's clock when they were read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Generations {
+    pub partitions: Vec<PartitionGenerations>,
+    pub postgres_now_ms: i64,
 }
 
 /// Every partition of the consumer group's topic that has ever been assigned.
@@ -27,10 +36,13 @@ pub async fn partition_generations(
     executor: impl PgExecutor<'_>,
     group: &str,
     topic: &str,
-) -> Result<Vec<PartitionGenerations>, sqlx::Error> {
-    let rows: Vec<(i32, i64, i64, i64, Option<i64>)> = sqlx::query_as(
+) -> Result<Generations, sqlx::Error> {
+    type Row = (i32, i64, i64, i64, Option<i64>, i64, i64);
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT kafka_partition, generation, previous_generation, mirrored_generation,
-                (extract(epoch FROM closed_window_start) * 1000)::bigint
+                (extract(epoch FROM closed_window_start) * 1000)::bigint,
+                (extract(epoch FROM updated_at) * 1000)::bigint,
+                (extract(epoch FROM now()) * 1000)::bigint
          FROM consumer_offsets WHERE consumer_group = $1 AND topic = $2
          ORDER BY kafka_partition",
     )
@@ -38,7 +50,8 @@ pub async fn partition_generations(
     .bind(topic)
     .fetch_all(executor)
     .await?;
-    Ok(rows
+    let postgres_now_ms = rows.first().map_or(0, |row| row.6);
+    let partitions = rows
         .into_iter()
         .map(
             |(
@@ -47,17 +60,22 @@ pub async fn partition_generations(
                 previous_generation,
                 mirrored_generation,
                 closed_window_ms,
-            )| {
-                PartitionGenerations {
-                    partition,
-                    generation,
-                    previous_generation,
-                    mirrored_generation,
-                    closed_window_ms,
-                }
+                committed_at_ms,
+                _,
+            )| PartitionGenerations {
+                partition,
+                generation,
+                previous_generation,
+                mirrored_generation,
+                closed_window_ms,
+                committed_at_ms,
             },
         )
-        .collect())
+        .collect();
+    Ok(Generations {
+        partitions,
+        postgres_now_ms,
+    })
 }
 
 /// Records that the partitions' commits up to `generation` are in every bucket that holds data.

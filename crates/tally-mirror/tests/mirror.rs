@@ -9,8 +9,8 @@ use redis::aio::MultiplexedConnection;
 use sqlx::PgPool;
 use tally_core::WindowSpec;
 use tally_mirror::{
-    BUCKETS, ClosedWindows, CommitToMirror, CommittedCounter, CounterSummary, KeySpace, Mirror,
-    PartitionGenerations, PartitionMark, RebuildSettings, RepairPolicy, Untrusted, WindowRecords,
+    BUCKETS, ClosedWindows, CommitToMirror, CommittedCounter, CounterSummary, KeySpace,
+    MarkerFloors, Mirror, PartitionMark, RebuildSettings, RepairPolicy, Untrusted, WindowRecords,
     bucket_of,
 };
 
@@ -146,27 +146,19 @@ impl Setup {
         encoded.map(|encoded| CounterSummary::decode(&encoded).expect("a summary should parse"))
     }
 
-    /// Reads as a reader does that knows partition 0's latest commits were `committed` (the
-    /// previous one too: every bucket should hold it).
-    async fn read(&mut self, names: &[&str], committed: i64) -> Vec<Result<i64, Untrusted>> {
+    /// Reads as a reader does whose floor for partition 0 is `floor`: the bucket must hold
+    /// partition 0's commits up to it.
+    async fn read(&mut self, names: &[&str], floor: i64) -> Vec<Result<i64, Untrusted>> {
         let closed = ClosedWindows {
             by_partition: vec![0],
             oldest_ms: 0,
         };
-        let generations = BTreeMap::from([(
-            0,
-            PartitionGenerations {
-                partition: 0,
-                generation: committed,
-                previous_generation: committed,
-                mirrored_generation: committed,
-                closed_window_ms: None,
-            },
-        )]);
+        let floors = MarkerFloors(BTreeMap::from([(0, floor)]));
         self.mirror
-            .read_values(&mut self.redis, &closed, Some(&generations), names, 0)
+            .read_values(&mut self.redis, &closed, Some(&floors), names, 0)
             .await
             .unwrap()
+            .values
             .unwrap()
     }
 

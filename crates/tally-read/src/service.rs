@@ -1,6 +1,6 @@
 //! Where a counter is read: the in-process cache, then Redis, then PostgreSQL.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -12,21 +12,22 @@ use sqlx::PgPool;
 use tally_core::CounterName;
 use tally_infra::clock::now_ms;
 use tally_infra::config::{AggregatorConfig, PipelineConfig, ReadConfig, StoreConfig};
-use tally_mirror::{KeySpace, Mirror, PartitionGenerations, RedisView, Untrusted};
+use tally_mirror::{ClosedWindows, Generations, KeySpace, MarkerFloors, Mirror, Untrusted};
 use tracing::{debug, warn};
 
 use crate::metrics;
 
-/// How long a read reuses what it learned about the closed windows and the Redis server. An
-/// older closed window only makes a read look at more windows, never at wrong ones.
-const REDIS_VIEW_REUSE: Duration = Duration::from_millis(250);
+/// How long a read reuses what it learned about the closed windows. An older closed window only
+/// makes a read look at more windows, never at wrong ones.
+const CLOSED_WINDOWS_REUSE: Duration = Duration::from_millis(250);
 
 /// How long a read trusts its view of PostgreSQL's generations. A bucket that lost writes is
 /// found once the generations it lost are in the view: within this long of the loss, at once
 /// when the Redis server changed, and by the aggregator's next commit in any case.
 const GENERATIONS_REUSE: Duration = Duration::from_secs(1);
 
-/// How long a read waits for PostgreSQL's generations before it reads Redis without them.
+/// How long a read waits for PostgreSQL's generations before it reads Redis without a new view;
+/// after a failed attempt, reads use the last view this long before asking again.
 const GENERATIONS_PATIENCE: Duration = Duration::from_secs(1);
 
 /// Where a value came from.
@@ -62,11 +63,21 @@ pub enum ReadError {
 
 type SharedRead = Shared<BoxFuture<'static, Result<CounterValue, ReadError>>>;
 
-/// PostgreSQL's view of the partitions, and the Redis server it was taken for.
+/// PostgreSQL's view of the partitions, and the Redis server the floors are made for.
+#[derive(Clone)]
 struct GenerationsView {
     read_at: Instant,
+    /// The Redis server (`run_id`) these floors are for, and when it was first seen, by
+    /// PostgreSQL's clock: its commits from before then must all be in it.
     server_run_id: String,
-    generations: BTreeMap<i32, PartitionGenerations>,
+    server_seen_ms: i64,
+    generations: Generations,
+}
+
+impl GenerationsView {
+    fn floors(&self) -> MarkerFloors {
+        MarkerFloors::for_server(&self.generations.partitions, self.server_seen_ms)
+    }
 }
 
 pub struct ReadService {
@@ -81,8 +92,10 @@ pub struct ReadService {
     /// name share the entry, so a hammered name costs one fetch per TTL per process.
     cache: moka::sync::Cache<CounterName, SharedRead>,
     /// std Mutexes: held only to copy or replace the value, never across an await.
-    redis_view: Mutex<Option<(Instant, RedisView)>>,
+    closed_windows: Mutex<Option<(Instant, ClosedWindows)>>,
     generations: Mutex<Option<GenerationsView>>,
+    /// When asking PostgreSQL for the generations last failed.
+    generations_failed_at: Mutex<Option<Instant>>,
     /// tokio's Mutex: one read at a time asks PostgreSQL for the generations, and the reads
     /// behind it wait for that view rather than trusting Redis without one.
     generations_refresh: tokio::sync::Mutex<()>,
@@ -114,8 +127,9 @@ impl ReadService {
                 .max_capacity(config.read_cache_capacity as u64)
                 .time_to_live(cache_ttl.max(Duration::from_millis(1)))
                 .build(),
-            redis_view: Mutex::new(None),
+            closed_windows: Mutex::new(None),
             generations: Mutex::new(None),
+            generations_failed_at: Mutex::new(None),
             generations_refresh: tokio::sync::Mutex::new(()),
         }
     }
@@ -270,17 +284,31 @@ impl ReadService {
         names: &[CounterName],
     ) -> redis::RedisResult<Result<Vec<Result<i64, Untrusted>>, Untrusted>> {
         let mut redis = self.redis.clone();
-        let view = self.redis_view(&mut redis).await?;
-        let Some(closed) = view.closed else {
+        let Some(closed) = self.closed_windows(&mut redis).await? else {
             return Ok(Err(Untrusted::NoClosedWindows));
         };
-        let generations = self.generations_for(&view.server_run_id).await;
         let wanted: Vec<&str> = names.iter().map(CounterName::as_str).collect();
-        let per_name = match self
+        let view = self.generations_view(None).await;
+        let floors = view.as_ref().map(GenerationsView::floors);
+        let mut read = self
             .mirror
-            .read_values(&mut redis, &closed, generations.as_ref(), &wanted, now_ms())
-            .await?
-        {
+            .read_values(&mut redis, &closed, floors.as_ref(), &wanted, now_ms())
+            .await?;
+        let floors_for_another_server = view
+            .as_ref()
+            .is_some_and(|view| view.server_run_id != read.server_run_id);
+        if read.values.is_ok() && (view.is_none() || floors_for_another_server) {
+            // A server not seen before: a Redis that restarted (maybe from an older snapshot)
+            // or a replica that took over (maybe without the last writes). Only floors made for
+            // it can tell: read again with them.
+            let view = self.generations_view(Some(&read.server_run_id)).await;
+            let floors = view.as_ref().map(GenerationsView::floors);
+            read = self
+                .mirror
+                .read_values(&mut redis, &closed, floors.as_ref(), &wanted, now_ms())
+                .await?;
+        }
+        let per_name = match read.values {
             Ok(per_name) => per_name,
             Err(untrusted) => return Ok(Err(untrusted)),
         };
@@ -294,93 +322,102 @@ impl ReadService {
         Ok(Ok(per_name))
     }
 
-    async fn redis_view(&self, redis: &mut ConnectionManager) -> redis::RedisResult<RedisView> {
+    async fn closed_windows(
+        &self,
+        redis: &mut ConnectionManager,
+    ) -> redis::RedisResult<Option<ClosedWindows>> {
         {
             let cached = self
-                .redis_view
+                .closed_windows
                 .lock()
-                .expect("the redis view lock should never be poisoned");
-            if let Some((read_at, view)) = cached.as_ref()
-                && read_at.elapsed() < REDIS_VIEW_REUSE
+                .expect("the closed windows lock should never be poisoned");
+            if let Some((read_at, closed)) = cached.as_ref()
+                && read_at.elapsed() < CLOSED_WINDOWS_REUSE
             {
-                return Ok(view.clone());
+                return Ok(Some(closed.clone()));
             }
         }
-        let view = tally_mirror::read_view(redis, self.mirror.keys()).await?;
-        *self
-            .redis_view
-            .lock()
-            .expect("the redis view lock should never be poisoned") =
-            Some((Instant::now(), view.clone()));
-        Ok(view)
+        let closed = tally_mirror::read_closed_windows(redis, self.mirror.keys()).await?;
+        if let Some(closed) = &closed {
+            *self
+                .closed_windows
+                .lock()
+                .expect("the closed windows lock should never be poisoned") =
+                Some((Instant::now(), closed.clone()));
+        }
+        Ok(closed)
     }
 
-    /// PostgreSQL's generations, read at most [`GENERATIONS_REUSE`] ago and for this Redis
-    /// server: a server that changed may hold older data than the view was checked against.
-    /// When PostgreSQL does not answer, the last view (if any) is used.
-    async fn generations_for(
-        &self,
-        server_run_id: &str,
-    ) -> Option<BTreeMap<i32, PartitionGenerations>> {
-        if let Some(current) = self.current_generations(server_run_id) {
-            return Some(current);
+    /// The view of PostgreSQL's generations: at most [`GENERATIONS_REUSE`] old, and, when
+    /// `new_server` names a server the view was not made for, made for it, seen now. When
+    /// PostgreSQL does not answer, the last view (if any) is used for a while.
+    async fn generations_view(&self, new_server: Option<&str>) -> Option<GenerationsView> {
+        let current = |this: &Self| {
+            let view = this
+                .generations
+                .lock()
+                .expect("the generations lock should never be poisoned")
+                .clone();
+            view.filter(|view| {
+                view.read_at.elapsed() < GENERATIONS_REUSE
+                    && new_server.is_none_or(|server| view.server_run_id == server)
+            })
+        };
+        if let Some(view) = current(self) {
+            return Some(view);
+        }
+        let last = || {
+            self.generations
+                .lock()
+                .expect("the generations lock should never be poisoned")
+                .clone()
+        };
+        let failed_recently = self
+            .generations_failed_at
+            .lock()
+            .expect("the generations lock should never be poisoned")
+            .is_some_and(|failed_at| failed_at.elapsed() < GENERATIONS_PATIENCE);
+        if failed_recently {
+            return last();
         }
         let _refreshing = self.generations_refresh.lock().await;
-        // Another read may have refreshed it while this one waited.
-        if let Some(current) = self.current_generations(server_run_id) {
-            return Some(current);
+        // Another read may have made it while this one waited.
+        if let Some(view) = current(self) {
+            return Some(view);
         }
         let query =
             tally_mirror::store::partition_generations(&self.pool, &self.group, &self.topic);
-        match tokio::time::timeout(GENERATIONS_PATIENCE, query).await {
-            Ok(Ok(partitions)) => {
-                let generations: BTreeMap<i32, PartitionGenerations> = partitions
-                    .into_iter()
-                    .map(|partition| (partition.partition, partition))
-                    .collect();
+        let generations = match tokio::time::timeout(GENERATIONS_PATIENCE, query).await {
+            Ok(Ok(generations)) => generations,
+            outcome => {
+                if let Ok(Err(error)) = outcome {
+                    debug!(%error, "could not read the partitions' generations from postgres");
+                }
                 *self
-                    .generations
+                    .generations_failed_at
                     .lock()
-                    .expect("the generations lock should never be poisoned") =
-                    Some(GenerationsView {
-                        read_at: Instant::now(),
-                        server_run_id: server_run_id.to_owned(),
-                        generations: generations.clone(),
-                    });
-                Some(generations)
+                    .expect("the generations lock should never be poisoned") = Some(Instant::now());
+                return last();
             }
-            Ok(Err(error)) => {
-                debug!(%error, "could not read the partitions' generations from postgres");
-                self.last_generations()
-            }
-            Err(_) => {
-                debug!("postgres did not give the partitions' generations in time");
-                self.last_generations()
-            }
-        }
-    }
-
-    fn current_generations(
-        &self,
-        server_run_id: &str,
-    ) -> Option<BTreeMap<i32, PartitionGenerations>> {
-        let view = self
+        };
+        let previous = last();
+        let (server_run_id, server_seen_ms) = match (new_server, &previous) {
+            (Some(server), _) => (server.to_owned(), generations.postgres_now_ms),
+            (None, Some(previous)) => (previous.server_run_id.clone(), previous.server_seen_ms),
+            // The first view: the server is seen now.
+            (None, None) => (String::new(), generations.postgres_now_ms),
+        };
+        let view = GenerationsView {
+            read_at: Instant::now(),
+            server_run_id,
+            server_seen_ms,
+            generations,
+        };
+        *self
             .generations
             .lock()
-            .expect("the generations lock should never be poisoned");
-        view.as_ref()
-            .filter(|view| {
-                view.server_run_id == server_run_id && view.read_at.elapsed() < GENERATIONS_REUSE
-            })
-            .map(|view| view.generations.clone())
-    }
-
-    fn last_generations(&self) -> Option<BTreeMap<i32, PartitionGenerations>> {
-        self.generations
-            .lock()
-            .expect("the generations lock should never be poisoned")
-            .as_ref()
-            .map(|view| view.generations.clone())
+            .expect("the generations lock should never be poisoned") = Some(view.clone());
+        Some(view)
     }
 
     async fn fetch_from_postgres(
