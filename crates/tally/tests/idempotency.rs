@@ -37,29 +37,6 @@ async fn flush(redis: &OwnRedis) {
         .unwrap();
 }
 
-async fn postgres_total(app: &TestApp, name: &str) -> Option<i64> {
-    sqlx::query_scalar("SELECT total FROM counters WHERE name = $1")
-        .bind(name)
-        .fetch_optional(&app.pool)
-        .await
-        .unwrap()
-}
-
-/// Waits until PostgreSQL and a Redis-backed read both show `expected`.
-async fn wait_for_exact(app: &TestApp, name: &str, expected: i64) {
-    wait_until(
-        Duration::from_secs(30),
-        &format!("{name} reads {expected} everywhere"),
-        || async {
-            let read = app.read(name, true).await;
-            postgres_total(app, name).await == Some(expected)
-                && read["source"] == "redis"
-                && read["value"] == expected
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_key_counts_once_and_says_so() {
     let redis = OwnRedis::start();
@@ -88,8 +65,8 @@ async fn a_retried_key_counts_once_and_says_so() {
     );
     let (status, _) = increment_with_key(&app, "shares", 7, "order-1").await;
     assert_eq!(status, 422);
-    wait_for_exact(&app, "likes", 7).await;
-    assert_eq!(postgres_total(&app, "shares").await, None);
+    app.wait_for_exact("likes", 7).await;
+    assert_eq!(app.postgres_total("shares").await, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +105,7 @@ async fn batch_items_with_keys_count_once_within_and_across_batches() {
         .await
         .unwrap();
     assert_eq!(response.status(), 422);
-    wait_for_exact(&app, "views", 2 + 3 + 1 + 1).await;
+    app.wait_for_exact("views", 2 + 3 + 1 + 1).await;
 }
 
 /// Redis loses the fast path twice: once before the aggregator applied the key (the aggregator
@@ -147,7 +124,7 @@ async fn the_dedup_survives_redis_loss_and_replay() {
     wait_until(
         Duration::from_secs(30),
         "postgres applied the key once",
-        || async { postgres_total(&app, "downloads").await == Some(4) },
+        || async { app.postgres_total("downloads").await == Some(4) },
     )
     .await;
     // Lost after: PostgreSQL knows the key.
@@ -159,7 +136,7 @@ async fn the_dedup_survives_redis_loss_and_replay() {
         "{body}"
     );
     app.replay().await;
-    wait_for_exact(&app, "downloads", 4).await;
+    app.wait_for_exact("downloads", 4).await;
     let absorbed = reqwest::get(app.url("/metrics"))
         .await
         .unwrap()
@@ -214,11 +191,11 @@ async fn concurrent_first_uses_of_one_key_never_lose_an_acknowledged_increment()
     }
     println!("{pairs} racing pairs answered {statuses:?}");
     for (name, value) in &expected {
-        wait_for_exact(&app, name, *value).await;
+        app.wait_for_exact(name, *value).await;
     }
     for name in ["race-a", "race-b", "race-c"] {
         if !expected.contains_key(name) {
-            assert_eq!(postgres_total(&app, name).await.unwrap_or(0), 0, "{name}");
+            assert_eq!(app.postgres_total(name).await.unwrap_or(0), 0, "{name}");
         }
     }
     assert_eq!(

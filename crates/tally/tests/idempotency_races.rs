@@ -13,7 +13,6 @@ use common::{
     use_fresh_database, wait_until,
 };
 use futures_util::future::join_all;
-use rdkafka::producer::Producer as _;
 use serde_json::{Value, json};
 
 /// What Tally answered, with the headers these tests look at.
@@ -109,52 +108,6 @@ fn claim_key(app: &TestApp, key: &str) -> String {
     format!("{{}}{}:i:{key}", app.args.store.redis_prefix)
 }
 
-async fn postgres_total(app: &TestApp, name: &str) -> Option<i64> {
-    sqlx::query_scalar("SELECT total FROM counters WHERE name = $1")
-        .bind(name)
-        .fetch_optional(&app.pool)
-        .await
-        .unwrap()
-}
-
-/// Waits until PostgreSQL and a fresh read from Redis both show `expected`.
-async fn wait_for_exact(app: &TestApp, name: &str, expected: i64) {
-    wait_until(
-        Duration::from_secs(30),
-        &format!("{name} reads {expected} in postgres and redis"),
-        || async {
-            let read = app.read(name, true).await;
-            postgres_total(app, name).await == Some(expected)
-                && read["source"] == "redis"
-                && read["value"] == expected
-        },
-    )
-    .await;
-}
-
-/// The high watermark of every partition of the app's topic: the offset the next record gets.
-async fn high_watermarks(app: &TestApp) -> Vec<(i32, i64)> {
-    let store = app.args.store.clone();
-    tokio::task::spawn_blocking(move || {
-        let client = tally_infra::kafka::metadata_client(&store).unwrap();
-        let timeout = Duration::from_secs(5);
-        let partitions =
-            tally_infra::kafka::fetch_partition_count(&client, &store.kafka_topic, timeout)
-                .unwrap();
-        (0..partitions as i32)
-            .map(|partition| {
-                let (_, high) = client
-                    .client()
-                    .fetch_watermarks(&store.kafka_topic, partition, timeout)
-                    .unwrap();
-                (partition, high)
-            })
-            .collect()
-    })
-    .await
-    .unwrap()
-}
-
 /// Where PostgreSQL says the aggregator stands, per partition.
 async fn applied_offsets(app: &TestApp) -> std::collections::HashMap<i32, i64> {
     sqlx::query_as::<_, (i32, i64)>(
@@ -176,13 +129,17 @@ async fn applied_offsets(app: &TestApp) -> std::collections::HashMap<i32, i64> {
 async fn drain_pipeline(app: &TestApp) {
     let sentinel = format!("sentinel-{}", random_suffix());
     assert_eq!(app.increment(&sentinel, 1).await.status(), 202);
-    let produced = high_watermarks(app).await;
+    let produced: Vec<(i32, i64)> = common::kafka_watermarks(&app.args.store)
+        .await
+        .into_iter()
+        .map(|(partition, (_, high))| (partition, high))
+        .collect();
     wait_until(
         Duration::from_secs(30),
         "postgres applied every record in the log, the sentinel's included",
         || async {
             let applied = applied_offsets(app).await;
-            postgres_total(app, &sentinel).await == Some(1)
+            app.postgres_total(&sentinel).await == Some(1)
                 && produced
                     .iter()
                     .all(|(partition, high)| applied.get(partition).copied().unwrap_or(0) >= *high)
@@ -233,7 +190,7 @@ async fn racing_copies_of_one_retry_are_counted_once() {
         first_uses, 1,
         "with Redis up exactly one copy is acknowledged as the first use: {answers:#?}"
     );
-    wait_for_exact(&app, name, by).await;
+    app.wait_for_exact(name, by).await;
 
     // The copies told to wait retry until they learn the first use was acknowledged.
     for _ in 0..in_flight {
@@ -256,7 +213,7 @@ async fn racing_copies_of_one_retry_are_counted_once() {
         .await;
     }
     drain_pipeline(&app).await;
-    wait_for_exact(&app, name, by).await;
+    app.wait_for_exact(name, by).await;
 }
 
 /// A batch one of whose keys is held by a request in flight is refused whole with `409`: none
@@ -327,9 +284,9 @@ async fn a_batch_with_a_key_in_flight_gets_409_and_counts_nothing() {
     assert_eq!(answer.status, 202, "{answer:?}");
     assert_eq!(answer.body, json!({ "accepted": 4, "duplicates": 0 }));
     for (name, by) in [("batch-a", 1), ("batch-b", 2), ("held", 5), ("batch-c", 3)] {
-        wait_for_exact(&app, name, by).await;
+        app.wait_for_exact(name, by).await;
     }
-    assert_eq!(postgres_total(&app, "elsewhere").await, None);
+    assert_eq!(app.postgres_total("elsewhere").await, None);
 }
 
 /// A batch reusing an acknowledged key for another amount is refused whole with `422`: nothing
@@ -372,7 +329,7 @@ async fn a_batch_reusing_an_acknowledged_key_gets_422_and_counts_nothing() {
     assert_eq!(fresh_claims, 0, "the refused batch released its own claim");
 
     drain_pipeline(&app).await;
-    assert_eq!(postgres_total(&app, "paid").await, Some(3));
+    assert_eq!(app.postgres_total("paid").await, Some(3));
     let extras: Vec<String> = ["extra-a", "extra-b"].map(String::from).to_vec();
     assert_eq!(
         app.postgres_totals_of(&extras).await,
@@ -386,8 +343,8 @@ async fn a_batch_reusing_an_acknowledged_key_gets_422_and_counts_nothing() {
             .await
             .is_first_use()
     );
-    wait_for_exact(&app, "later", 6).await;
-    wait_for_exact(&app, "paid", 3).await;
+    app.wait_for_exact("later", 6).await;
+    app.wait_for_exact("paid", 3).await;
     assert_eq!(app.postgres_totals_of(&extras).await, Default::default());
 }
 
@@ -411,8 +368,8 @@ async fn with_redis_unreachable_two_uses_of_one_key_both_count() {
         Duration::from_secs(30),
         "postgres counted both acknowledged uses",
         || async {
-            postgres_total(&app, "split-a").await == Some(1)
-                && postgres_total(&app, "split-b").await == Some(2)
+            app.postgres_total("split-a").await == Some(1)
+                && app.postgres_total("split-b").await == Some(2)
         },
     )
     .await;
@@ -440,7 +397,7 @@ async fn with_redis_unreachable_two_uses_of_one_key_both_count() {
     let third = increment_with_key(&app, "split-c", 3, "split-key").await;
     assert_eq!(third.status, 422, "{third:?}");
     drain_pipeline(&app).await;
-    assert_eq!(postgres_total(&app, "split-a").await, Some(1));
-    assert_eq!(postgres_total(&app, "split-b").await, Some(2));
-    assert_eq!(postgres_total(&app, "split-c").await, None);
+    assert_eq!(app.postgres_total("split-a").await, Some(1));
+    assert_eq!(app.postgres_total("split-b").await, Some(2));
+    assert_eq!(app.postgres_total("split-c").await, None);
 }

@@ -7,14 +7,12 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::{encode, random_suffix, test_args, use_fresh_database, wait_until};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::{BaseProducer, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tally::cli::{Role, ServeArgs};
@@ -89,41 +87,20 @@ impl Drop for Process {
 }
 
 /// Reads the topic's watermarks, the way an operator's tools would.
-#[derive(Clone)]
 struct Log {
-    client: Arc<BaseProducer>,
-    topic: String,
+    store: tally_infra::config::StoreConfig,
 }
 
 impl Log {
     fn new(args: &ServeArgs) -> Self {
         Self {
-            client: Arc::new(tally_infra::kafka::metadata_client(&args.store).unwrap()),
-            topic: args.store.kafka_topic.clone(),
+            store: args.store.clone(),
         }
     }
 
     /// `(low, high)` per partition: the first offset the log still holds, and the next one.
     async fn watermarks(&self) -> BTreeMap<i32, (i64, i64)> {
-        let log = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let timeout = Duration::from_secs(5);
-            let partitions =
-                tally_infra::kafka::fetch_partition_count(&log.client, &log.topic, timeout)
-                    .unwrap();
-            (0..partitions as i32)
-                .map(|partition| {
-                    let watermarks = log
-                        .client
-                        .client()
-                        .fetch_watermarks(&log.topic, partition, timeout)
-                        .unwrap();
-                    (partition, watermarks)
-                })
-                .collect()
-        })
-        .await
-        .unwrap()
+        common::kafka_watermarks(&self.store).await
     }
 
     async fn high_watermarks(&self) -> BTreeMap<i32, i64> {

@@ -212,6 +212,30 @@ impl TestApp {
         printed
     }
 
+    /// PostgreSQL's total of one counter, if it has the counter.
+    pub async fn postgres_total(&self, name: &str) -> Option<i64> {
+        sqlx::query_scalar("SELECT total FROM counters WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until PostgreSQL and a fresh read from Redis both show `expected`.
+    pub async fn wait_for_exact(&self, name: &str, expected: i64) {
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{name} reads {expected} in postgres and redis"),
+            || async {
+                let read = self.read(name, true).await;
+                self.postgres_total(name).await == Some(expected)
+                    && read["source"] == "redis"
+                    && read["value"] == expected
+            },
+        )
+        .await;
+    }
+
     /// PostgreSQL's totals of the named counters (those it has).
     pub async fn postgres_totals_of(
         &self,
@@ -261,6 +285,33 @@ pub fn encode(text: &str) -> String {
         }
     }
     encoded
+}
+
+/// Every partition of the topic with its (low, high) watermarks: the first offset the log still
+/// holds, and the offset its next record gets.
+pub async fn kafka_watermarks(
+    store: &tally_infra::config::StoreConfig,
+) -> std::collections::BTreeMap<i32, (i64, i64)> {
+    use rdkafka::producer::Producer as _;
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || {
+        let client = tally_infra::kafka::metadata_client(&store).unwrap();
+        let timeout = Duration::from_secs(5);
+        let partitions =
+            tally_infra::kafka::fetch_partition_count(&client, &store.kafka_topic, timeout)
+                .unwrap();
+        (0..partitions as i32)
+            .map(|partition| {
+                let watermarks = client
+                    .client()
+                    .fetch_watermarks(&store.kafka_topic, partition, timeout)
+                    .unwrap();
+                (partition, watermarks)
+            })
+            .collect()
+    })
+    .await
+    .unwrap()
 }
 
 /// Polls `condition` every 100 ms until it holds; panics after `timeout`.
