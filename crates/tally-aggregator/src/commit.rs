@@ -177,58 +177,23 @@ pub(crate) async fn commit_window(
     let windows = &rows.windows;
     let key_uses = &rows.key_uses;
     let returned: Vec<CommittedRow> = sqlx::query_as(WINDOW_UPSERT)
-        .bind(
-            windows
-                .iter()
-                .map(|row| row.name.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            windows
-                .iter()
-                .map(|row| row.window_start_ms)
-                .collect::<Vec<_>>(),
-        )
-        .bind(windows.iter().map(|row| row.sum).collect::<Vec<_>>())
-        .bind(windows.iter().map(|row| row.positive).collect::<Vec<_>>())
-        .bind(windows.iter().map(|row| row.negative).collect::<Vec<_>>())
-        .bind(windows.iter().map(|row| row.partition).collect::<Vec<_>>())
+        .bind(column(windows, |row| row.name.as_str()))
+        .bind(column(windows, |row| row.window_start_ms))
+        .bind(column(windows, |row| row.sum))
+        .bind(column(windows, |row| row.positive))
+        .bind(column(windows, |row| row.negative))
+        .bind(column(windows, |row| row.partition))
         .bind(group)
         .bind(topic)
         .bind(&partitions)
-        .bind(
-            rows.offsets
-                .iter()
-                .map(|row| row.next_offset)
-                .collect::<Vec<_>>(),
-        )
+        .bind(column(&rows.offsets, |row| row.next_offset))
         .bind(rows.generation)
-        .bind(
-            key_uses
-                .iter()
-                .map(|row| row.key.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            key_uses
-                .iter()
-                .map(|row| row.counter.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            key_uses
-                .iter()
-                .map(|row| row.window_start_ms)
-                .collect::<Vec<_>>(),
-        )
-        .bind(key_uses.iter().map(|row| row.by).collect::<Vec<_>>())
+        .bind(column(key_uses, |row| row.key.as_str()))
+        .bind(column(key_uses, |row| row.counter.as_str()))
+        .bind(column(key_uses, |row| row.window_start_ms))
+        .bind(column(key_uses, |row| row.by))
         .bind(idempotency_window_secs as f64)
-        .bind(
-            rows.offsets
-                .iter()
-                .map(|row| row.closed_window_ms)
-                .collect::<Vec<_>>(),
-        )
+        .bind(column(&rows.offsets, |row| row.closed_window_ms))
         .fetch_all(&mut *transaction)
         .await?;
     transaction.commit().await?;
@@ -253,6 +218,11 @@ pub(crate) async fn commit_window(
         });
     }
     Ok(CommitOutcome::Committed(committed))
+}
+
+/// One field of every row, as the array `unnest` takes it.
+fn column<'r, Row, Field>(rows: &'r [Row], field: impl Fn(&'r Row) -> Field) -> Vec<Field> {
+    rows.iter().map(field).collect()
 }
 
 /// Deletes idempotency keys older than the window, oldest first, in batches that each walk the

@@ -11,7 +11,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, Top
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::metadata::Metadata;
+use rdkafka::metadata::{Metadata, MetadataTopic};
 use rdkafka::producer::{BaseProducer, FutureProducer, Producer as _};
 use tracing::{debug, info, warn};
 
@@ -75,6 +75,11 @@ pub fn fetch_partition_count_of<C: ConsumerContext>(
 }
 
 fn partition_count_in(metadata: &Metadata, topic: &str) -> anyhow::Result<usize> {
+    Ok(topic_in(metadata, topic)?.partitions().len())
+}
+
+/// The topic's part of a metadata answer, or what Kafka said was wrong with it.
+fn topic_in<'m>(metadata: &'m Metadata, topic: &str) -> anyhow::Result<&'m MetadataTopic> {
     let topic_metadata = metadata
         .topics()
         .iter()
@@ -83,7 +88,7 @@ fn partition_count_in(metadata: &Metadata, topic: &str) -> anyhow::Result<usize>
     if let Some(error) = topic_metadata.error() {
         anyhow::bail!("Kafka reports an error for topic {topic}: {error:?}");
     }
-    Ok(topic_metadata.partitions().len())
+    Ok(topic_metadata)
 }
 
 /// The value `message.timestamp.type` must have.
@@ -281,15 +286,7 @@ async fn describe_topic(
 }
 
 fn replication_factor_in(metadata: &Metadata, topic: &str) -> anyhow::Result<i32> {
-    let topic_metadata = metadata
-        .topics()
-        .iter()
-        .find(|candidate| candidate.name() == topic)
-        .with_context(|| format!("Kafka has no metadata for topic {topic}"))?;
-    if let Some(error) = topic_metadata.error() {
-        anyhow::bail!("Kafka reports an error for topic {topic}: {error:?}");
-    }
-    topic_metadata
+    topic_in(metadata, topic)?
         .partitions()
         .iter()
         .map(|partition| partition.replicas().len() as i32)
