@@ -1,6 +1,7 @@
-//! The one place an increment becomes durable in PostgreSQL: one transaction per window that
-//! checks the partitions' offsets, then runs ONE statement that claims the idempotency keys and
-//! upserts the window sums, the counter totals and the new offsets together.
+//! The one place an increment or a set becomes durable in PostgreSQL: one transaction per window
+//! that checks the partitions' offsets, then runs ONE statement that claims the idempotency
+//! keys, upserts the window sums, the counter totals and the new offsets, and writes the sets'
+//! audit rows, together.
 
 use std::collections::BTreeMap;
 
@@ -32,6 +33,11 @@ pub(crate) struct CommittedWindow {
 /// is taken out of its window's sum before anything is added), then upserts `counter_windows`,
 /// `counters` and `consumer_offsets`. Sums are added as `numeric` and clamped into the `bigint`
 /// range, so a counter saturates rather than wraps or fails the whole window.
+///
+/// A counter with a set takes the set's value plus the commit's sums instead of adding them to
+/// its total: the pending window only takes a set into a commit that holds nothing read before
+/// it for that counter. The audit row's old value is the total before the statement (its
+/// snapshot does not see the statement's own writes), which is then everything before the set.
 const WINDOW_UPSERT: &str = r#"
 WITH keyed AS (
     SELECT * FROM unnest($12::text[], $13::text[], $14::bigint[], $15::bigint[])
@@ -84,17 +90,36 @@ windows AS (
     RETURNING name, (extract(epoch FROM window_start) * 1000)::bigint AS window_start_ms,
               positive, negative
 ),
+sets AS (
+    SELECT * FROM unnest($18::text[], $19::bigint[], $20::text[], $21::text[], $22::text[],
+                         $23::text[], $24::bigint[])
+         AS s(name, value, audit_id, actor, client, reason, requested_ms)
+),
+audits AS (
+    INSERT INTO counter_audit (audit_id, counter, actor, client, reason, requested_at,
+                               old_value, new_value)
+    SELECT s.audit_id, s.name, s.actor, s.client, s.reason,
+           to_timestamp(s.requested_ms / 1000.0),
+           coalesce((SELECT c.total FROM counters c WHERE c.name = s.name), 0), s.value
+    FROM sets s
+    ON CONFLICT (audit_id) DO NOTHING
+),
 totals AS (
     INSERT INTO counters AS c (name, total, version, kafka_partition, last_window_start,
                                generation)
-    SELECT name,
-           LEAST(GREATEST(sum(delta), -9223372036854775808), 9223372036854775807)::bigint,
-           1, min(kafka_partition), max(window_start), $11
-    FROM input
-    GROUP BY name
+    SELECT i.name,
+           LEAST(GREATEST(coalesce(max(s.value), 0) + sum(i.delta), -9223372036854775808),
+                 9223372036854775807)::bigint,
+           1, min(i.kafka_partition), max(i.window_start), $11
+    FROM input i
+    LEFT JOIN sets s ON s.name = i.name
+    GROUP BY i.name
     ON CONFLICT (name) DO UPDATE
-        SET total = LEAST(GREATEST(c.total::numeric + excluded.total, -9223372036854775808),
-                          9223372036854775807)::bigint,
+        SET total = CASE
+                WHEN EXISTS (SELECT 1 FROM sets s WHERE s.name = c.name) THEN excluded.total
+                ELSE LEAST(GREATEST(c.total::numeric + excluded.total, -9223372036854775808),
+                           9223372036854775807)::bigint
+            END,
             version = c.version + 1,
             kafka_partition = excluded.kafka_partition,
             last_window_start = GREATEST(c.last_window_start, excluded.last_window_start),
@@ -194,6 +219,13 @@ pub(crate) async fn commit_window(
         .bind(column(key_uses, |row| row.by))
         .bind(idempotency_window_secs as f64)
         .bind(column(&rows.offsets, |row| row.closed_window_ms))
+        .bind(column(&rows.sets, |row| row.name.as_str()))
+        .bind(column(&rows.sets, |row| row.value))
+        .bind(column(&rows.sets, |row| row.audit.id.as_str()))
+        .bind(column(&rows.sets, |row| row.audit.actor.as_str()))
+        .bind(column(&rows.sets, |row| row.audit.client.as_str()))
+        .bind(column(&rows.sets, |row| row.audit.reason.as_str()))
+        .bind(column(&rows.sets, |row| row.audit.requested_at_ms))
         .fetch_all(&mut *transaction)
         .await?;
     transaction.commit().await?;

@@ -13,7 +13,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
-use tally_core::{CounterName, IncrementRecord, WindowSpec};
+use tally_core::{CounterName, CounterRecord, WindowSpec};
 use tally_infra::clock::now_ms;
 use tally_mirror::{
     BUCKETS, CommitToMirror, CommittedCounter, Mirror, PartitionMark, RepairPolicy,
@@ -25,7 +25,9 @@ use tracing::{error, info, warn};
 
 use crate::commit::{self, CommitOutcome};
 use crate::metrics;
-use crate::pending::{PendingWindow, RecordIncrement, StoredPartition};
+use crate::pending::{
+    Added, PendingWindow, ReadRecord, RecordIncrement, RecordSet, StoredPartition,
+};
 
 /// Everything the consumer thread and its rebalance callback share.
 pub(crate) struct Shared {
@@ -145,6 +147,10 @@ fn lock(pending: &Mutex<PendingWindow>) -> std::sync::MutexGuard<'_, PendingWind
         .expect("the pending window lock should never be poisoned")
 }
 
+/// How soon after reading a set the aggregator commits: reads show a set once it is
+/// committed, and sets that arrive together (an import) still share a commit.
+const SET_COMMIT_DELAY: Duration = Duration::from_millis(200);
+
 /// Polls Kafka and commits a window every window length until cancelled, then commits once
 /// more so a clean shutdown leaves nothing for the next owner to redo.
 pub(crate) fn run_blocking(consumer: BaseConsumer<AggregatorContext>, partition_count: usize) {
@@ -153,7 +159,11 @@ pub(crate) fn run_blocking(consumer: BaseConsumer<AggregatorContext>, partition_
     let mut next_flush = Instant::now() + window_length;
     while !shared.cancel.is_cancelled() {
         match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(message)) => add_message(&shared, &message),
+            Some(Ok(message)) => match add_message(&shared, &message) {
+                Added::Taken | Added::Skipped => {}
+                Added::TakenSet => next_flush = next_flush.min(Instant::now() + SET_COMMIT_DELAY),
+                Added::HeldForCommit => next_flush = Instant::now(),
+            },
             Some(Err(error)) => warn!(%error, "kafka consumer error"),
             None => {}
         }
@@ -212,13 +222,13 @@ fn resume_after_commit(consumer: &BaseConsumer<AggregatorContext>, shared: &Shar
     }
 }
 
-fn add_message(shared: &Shared, message: &BorrowedMessage<'_>) {
+fn add_message(shared: &Shared, message: &BorrowedMessage<'_>) -> Added {
     let append_ms = match message.timestamp() {
         Timestamp::LogAppendTime(milliseconds) => Some(milliseconds),
         _ => None,
     };
-    let increment = decode(message);
-    if increment.is_none() {
+    let record = decode(message);
+    if record.is_none() {
         metrics::MALFORMED_RECORDS.inc();
         warn!(
             kafka.partition = message.partition(),
@@ -226,17 +236,24 @@ fn add_message(shared: &Shared, message: &BorrowedMessage<'_>) {
             "skipping a record that is not an increment"
         );
     }
-    lock(&shared.pending).add(message.partition(), message.offset(), append_ms, increment);
+    lock(&shared.pending).add(message.partition(), message.offset(), append_ms, record)
 }
 
-fn decode(message: &BorrowedMessage<'_>) -> Option<RecordIncrement> {
-    let name = CounterName::parse_bytes(message.key()?).ok()?;
-    let record = IncrementRecord::decode(message.payload()?).ok()?;
-    Some(RecordIncrement {
-        name: name.into_string(),
-        window_start_ms: record.window_start_ms,
-        by: record.by,
-        keyed: record.keyed,
+fn decode(message: &BorrowedMessage<'_>) -> Option<ReadRecord> {
+    let name = CounterName::parse_bytes(message.key()?).ok()?.into_string();
+    Some(match CounterRecord::decode(message.payload()?).ok()? {
+        CounterRecord::Increment(record) => ReadRecord::Increment(RecordIncrement {
+            name,
+            window_start_ms: record.window_start_ms,
+            by: record.by,
+            keyed: record.keyed,
+        }),
+        CounterRecord::Set(record) => ReadRecord::Set(RecordSet {
+            name,
+            window_start_ms: record.window_start_ms,
+            value: record.set,
+            audit: record.audit,
+        }),
     })
 }
 
@@ -281,7 +298,22 @@ fn flush(consumer: &BaseConsumer<AggregatorContext>, shared: &Shared, partition_
             return;
         }
     };
-    lock(&shared.pending).committed(rows.generation);
+    let released = lock(&shared.pending).committed(rows.generation);
+    for (partition, offset) in released {
+        // The set this partition was held at comes first in the next commit. The records
+        // after it were skipped, so they must be read again: if the seek fails, start over
+        // from what PostgreSQL holds.
+        if let Err(error) = consumer.seek(
+            &shared.topic,
+            partition,
+            Offset::Offset(offset),
+            Duration::from_secs(5),
+        ) {
+            warn!(%error, kafka.partition = partition, "failed to seek back to a set; rereading from postgres");
+            reseek_from_postgres(consumer, shared);
+            break;
+        }
+    }
     resume_after_commit(consumer, shared);
     metrics::WINDOW_FLUSH_SECONDS.observe(started.elapsed().as_secs_f64());
     metrics::WINDOW_FLUSH_ROWS.observe(rows.windows.len() as f64);

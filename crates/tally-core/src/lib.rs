@@ -9,7 +9,7 @@
 //! - [`idempotency`]: what an `Idempotency-Key` is.
 //! - [`window`]: how wall-clock time maps to 5-second aggregation windows, and when a window is
 //!   closed.
-//! - [`record`]: the Kafka wire format of one increment record.
+//! - [`record`]: the Kafka wire format of a counter's records (increments and sets).
 //! - [`shards`]: how many Redis shard keys a counter uses for a given write rate.
 //!
 //! How Redis mirrors PostgreSQL (keys, scripts, the value a read computes) is `tally-mirror`'s.
@@ -26,6 +26,6 @@ pub mod window;
 pub use amount::{Amount, AmountError, clamp_to_i64};
 pub use idempotency::{IdempotencyKey, IdempotencyKeyError, KeyUse};
 pub use name::{CounterName, CounterNameError};
-pub use record::{IncrementRecord, KeyedIncrement, RecordError};
+pub use record::{CounterRecord, IncrementRecord, KeyedIncrement, RecordError, SetAudit, SetRecord};
 pub use shards::ShardPolicy;
 pub use window::WindowSpec;

@@ -1,10 +1,11 @@
-//! The Kafka wire format of one increment record.
+//! The Kafka wire format of a counter's records: increments and sets.
 //!
-//! The record key is the counter name's UTF-8 bytes, so every increment of one counter lands in
-//! one partition and stays in order. The value is a small JSON object. One record may carry the
-//! sum of several increments of the same counter (a batch, or coalesced requests); the ones that
-//! carry an idempotency key are listed with their own amounts, so the aggregator can drop exactly
-//! the ones it has applied before.
+//! The record key is the counter name's UTF-8 bytes, so every record of one counter lands in
+//! one partition and stays in order. The value is a small JSON object. One increment record may
+//! carry the sum of several increments of the same counter (a batch, or coalesced requests); the
+//! ones that carry an idempotency key are listed with their own amounts, so the aggregator can
+//! drop exactly the ones it has applied before. A set record replaces the counter's value with
+//! its own: what came before it in the partition is replaced, what comes after adds on top.
 
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +35,83 @@ pub struct KeyedIncrement {
     #[serde(rename = "k")]
     pub key: String,
     pub by: i64,
+}
+
+/// An audited set of a counter's value (a reset is a set to 0).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetRecord {
+    #[serde(rename = "v")]
+    pub format_version: u8,
+    /// Start of the window the set arrived in, in Unix milliseconds.
+    #[serde(rename = "w")]
+    pub window_start_ms: i64,
+    /// The value the counter takes.
+    pub set: i64,
+    /// What the audit trail keeps of the request.
+    pub audit: SetAudit,
+}
+
+/// Who asked for a set, when and why: the aggregator writes it to the audit trail in the same
+/// transaction that applies the set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAudit {
+    /// Unique per request: the audit row's key, so a record read twice is audited once.
+    pub id: String,
+    /// The identity the request authenticated as.
+    pub actor: String,
+    /// The client's address.
+    pub client: String,
+    pub reason: String,
+    /// When the request was accepted, in Unix milliseconds.
+    pub requested_at_ms: i64,
+}
+
+/// One record of a counter's partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CounterRecord {
+    Increment(IncrementRecord),
+    Set(SetRecord),
+}
+
+impl CounterRecord {
+    pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+        // Only a set has a `set` member; both kinds share the version field.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Set(SetRecord),
+            Increment(IncrementRecord),
+        }
+        let record = match serde_json::from_slice::<Either>(bytes) {
+            Ok(Either::Set(set)) => Self::Set(set),
+            Ok(Either::Increment(increment)) => Self::Increment(increment),
+            // Say what is wrong with it as an increment, the common kind.
+            Err(_) => Self::Increment(serde_json::from_slice(bytes)?),
+        };
+        let version = match &record {
+            Self::Increment(increment) => increment.format_version,
+            Self::Set(set) => set.format_version,
+        };
+        if version != FORMAT_VERSION {
+            return Err(RecordError::UnknownVersion(version));
+        }
+        Ok(record)
+    }
+}
+
+impl SetRecord {
+    pub fn new(window_start_ms: i64, value: i64, audit: SetAudit) -> Self {
+        Self {
+            format_version: FORMAT_VERSION,
+            window_start_ms,
+            set: value,
+            audit,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a set record should always serialize")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +163,32 @@ mod tests {
             r#"{"v":1,"w":1700000000000,"by":-3,"n":2,"keys":[{"k":"k1","by":-4}]}"#
         );
         assert_eq!(IncrementRecord::decode(&bytes).unwrap(), record);
+    }
+
+    #[test]
+    fn sets_and_increments_decode_as_their_kind() {
+        let audit = SetAudit {
+            id: "a1".into(),
+            actor: "admin".into(),
+            client: "127.0.0.1".into(),
+            reason: "migrated".into(),
+            requested_at_ms: 5,
+        };
+        let set = SetRecord::new(1_000, 42, audit);
+        assert_eq!(
+            CounterRecord::decode(&set.encode()).unwrap(),
+            CounterRecord::Set(set)
+        );
+        let increment = IncrementRecord::new(1_000, 3, 1, Vec::new());
+        assert_eq!(
+            CounterRecord::decode(&increment.encode()).unwrap(),
+            CounterRecord::Increment(increment)
+        );
+        assert!(matches!(
+            CounterRecord::decode(br#"{"v":9,"w":0,"by":1,"n":1}"#),
+            Err(RecordError::UnknownVersion(9))
+        ));
+        assert!(CounterRecord::decode(br#"{"v":1,"w":0}"#).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! The ingest must never answer `202` before Kafka acknowledged, and never treat Redis as the
 //! truth: a failed delta costs freshness until the window is applied, never a count.
 
+pub mod admin;
 mod group_commit;
 mod hot_names;
 mod idempotency;
@@ -22,9 +23,23 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::post;
+use axum::routing::{get, post};
 
-pub use service::{CounterIncrements, IncrementItem, IngestError, IngestService, ProduceError};
+pub use service::{
+    CounterIncrements, IncrementItem, IngestError, IngestService, ProduceError, SetRequest,
+};
+
+/// The admin routes that set plain counters and read the audit trail, with a body limit that
+/// fits a full import. The caller puts them behind the admin token.
+pub fn admin_router(service: Arc<IngestService>) -> Router {
+    Router::new()
+        .route("/v1/admin/counters/{name}/set", post(admin::set_counter))
+        .route("/v1/admin/counters/{name}/reset", post(admin::reset_counter))
+        .route("/v1/admin/import", post(admin::import))
+        .route("/v1/admin/audit", get(admin::audit))
+        .layer(DefaultBodyLimit::max(admin::IMPORT_BODY_MAX_BYTES))
+        .with_state(service)
+}
 
 /// The write routes, with the body size limit applied.
 pub fn router(service: Arc<IngestService>, body_max_bytes: usize) -> Router {

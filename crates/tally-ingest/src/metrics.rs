@@ -15,6 +15,14 @@ pub(crate) static INCREMENTS_ACCEPTED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("the metric should register once")
 });
 
+pub(crate) static SETS_ACCEPTED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tally_ingest_sets_accepted_total",
+        "Audited sets of plain counters acknowledged by Kafka"
+    )
+    .expect("the metric should register once")
+});
+
 pub(crate) static RECORDS_PRODUCED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "tally_ingest_records_produced_total",

@@ -352,7 +352,7 @@ fn validate_item(item: &Value) -> Result<(CounterName, i64, Option<String>), Ite
 }
 
 /// Refuses a body that is not sent as JSON.
-fn require_json(headers: &HeaderMap) -> Result<(), Problem> {
+pub(crate) fn require_json(headers: &HeaderMap) -> Result<(), Problem> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok());
@@ -380,7 +380,7 @@ fn require_json(headers: &HeaderMap) -> Result<(), Problem> {
 }
 
 /// Checks the content type and parses the body as a JSON object.
-fn json_object(headers: &HeaderMap, body: &[u8]) -> Result<Map<String, Value>, Problem> {
+pub(crate) fn json_object(headers: &HeaderMap, body: &[u8]) -> Result<Map<String, Value>, Problem> {
     require_json(headers)?;
     let value: Value = serde_json::from_slice(body).map_err(|error| {
         Problem::new(
@@ -399,7 +399,7 @@ fn json_object(headers: &HeaderMap, body: &[u8]) -> Result<Map<String, Value>, P
     }
 }
 
-fn json_kind(value: &Value) -> &'static str {
+pub(crate) fn json_kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -410,7 +410,7 @@ fn json_kind(value: &Value) -> &'static str {
     }
 }
 
-fn reject_unknown_members(object: &Map<String, Value>, known: &[&str]) -> Result<(), Problem> {
+pub(crate) fn reject_unknown_members(object: &Map<String, Value>, known: &[&str]) -> Result<(), Problem> {
     match object
         .keys()
         .find(|member| !known.contains(&member.as_str()))
@@ -445,7 +445,7 @@ fn invalid_idempotency_key(detail: String) -> Problem {
     )
 }
 
-fn invalid_body(detail: impl Into<String>) -> Problem {
+pub(crate) fn invalid_body(detail: impl Into<String>) -> Problem {
     Problem::new(
         StatusCode::BAD_REQUEST,
         "invalid-body",
@@ -454,7 +454,7 @@ fn invalid_body(detail: impl Into<String>) -> Problem {
     )
 }
 
-fn body_rejection(rejection: BytesRejection) -> Problem {
+pub(crate) fn body_rejection(rejection: BytesRejection) -> Problem {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         return Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -471,7 +471,7 @@ fn body_rejection(rejection: BytesRejection) -> Problem {
     )
 }
 
-fn ingest_problem(error: IngestError) -> Problem {
+pub(crate) fn ingest_problem(error: IngestError) -> Problem {
     let error = match error {
         IngestError::KeyReused { index, .. } => {
             return Problem::new(

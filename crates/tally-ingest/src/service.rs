@@ -14,7 +14,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
-use tally_core::{CounterName, IncrementRecord, KeyUse, KeyedIncrement, WindowSpec};
+use tally_core::{
+    CounterName, IncrementRecord, KeyUse, KeyedIncrement, SetAudit, SetRecord, WindowSpec,
+};
 use tally_infra::clock::now_ms;
 use tally_infra::config::{IngestConfig, PipelineConfig, StoreConfig};
 use tally_mirror::{DeltaPipeline, DeltaWriter, KeySpace};
@@ -93,6 +95,14 @@ impl LogThrottle {
     }
 }
 
+/// Who asked for a set, and why: what the audit trail keeps.
+#[derive(Clone, Debug)]
+pub struct SetRequest {
+    pub actor: String,
+    pub client: String,
+    pub reason: String,
+}
+
 /// What a request's idempotency keys came to before anything is produced.
 struct KeyCheck<'a> {
     /// Per item: a retry of a use already acknowledged (or of an earlier item of the request).
@@ -141,6 +151,10 @@ impl IngestService {
             redis_failure_log: LogThrottle::default(),
             batch_max_items: config.batch_max_items,
         }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     pub fn producer(&self) -> &FutureProducer {
@@ -455,6 +469,36 @@ impl IngestService {
         outcomes.pop().expect("one outcome per record")
     }
 
+    /// Produces one set record per counter, each with its own audit id, and waits for Kafka
+    /// to acknowledge them all. A set goes through its counter's partition like an increment,
+    /// so it lands in order with the increments around it; the aggregator applies it.
+    pub async fn set_counters(
+        &self,
+        sets: &[(CounterName, i64)],
+        request: &SetRequest,
+    ) -> Result<Vec<String>, ProduceError> {
+        let now = now_ms();
+        let window_start_ms = self.window.start_of(now);
+        let mut audit_ids = Vec::with_capacity(sets.len());
+        let mut sent = Vec::with_capacity(sets.len());
+        for (name, value) in sets {
+            let audit = SetAudit {
+                id: format!("{:032x}", rand::rng().random::<u128>()),
+                actor: request.actor.clone(),
+                client: request.client.clone(),
+                reason: request.reason.clone(),
+                requested_at_ms: now,
+            };
+            audit_ids.push(audit.id.clone());
+            let payload = SetRecord::new(window_start_ms, *value, audit).encode();
+            sent.push(self.send_payload(name, &payload));
+        }
+        let outcomes = self.await_deliveries(sent).await;
+        metrics::SETS_ACCEPTED.inc_by(outcomes.iter().filter(|outcome| outcome.is_ok()).count() as u64);
+        request_outcome(outcomes)?;
+        Ok(audit_ids)
+    }
+
     /// Hands one counter's record to the producer, which sends it in the background.
     fn send(
         &self,
@@ -468,9 +512,17 @@ impl IngestService {
             increments.keyed.clone(),
         )
         .encode();
+        self.send_payload(&increments.name, &payload)
+    }
+
+    fn send_payload(
+        &self,
+        name: &CounterName,
+        payload: &[u8],
+    ) -> Result<DeliveryFuture, ProduceError> {
         let record = FutureRecord::to(&self.topic)
-            .key(increments.name.as_str())
-            .payload(&payload);
+            .key(name.as_str())
+            .payload(payload);
         self.producer.send_result(record).map_err(|(error, _)| {
             if let KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) = error {
                 metrics::KAFKA_FAILURES

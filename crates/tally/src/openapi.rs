@@ -28,14 +28,33 @@ pub struct ProblemDocument {
         tally_ingest::routes::increment_batch,
         tally_read::routes::read_one,
         tally_read::routes::read_many,
+        tally_ingest::admin::set_counter,
+        tally_ingest::admin::reset_counter,
+        tally_ingest::admin::import,
+        tally_ingest::admin::audit,
         crate::health::healthz,
         crate::health::readyz,
         metrics,
         openapi_json,
     ),
-    components(schemas(ProblemDocument))
+    components(schemas(ProblemDocument)),
+    modifiers(&AdminTokenScheme)
 )]
 pub struct ApiDoc;
+
+/// The admin routes' bearer token (`TALLY_ADMIN_TOKEN`).
+struct AdminTokenScheme;
+
+impl utoipa::Modify for AdminTokenScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
 
 /// Prometheus metrics in the text exposition format.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")), tag = "operations")]

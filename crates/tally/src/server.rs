@@ -50,6 +50,7 @@ impl App {
 
         let mut router = Router::new();
         let mut producer = None;
+        let mut ingest = None;
         let write_guard = Arc::new(WriteGuard::new(&args.security));
         if args.runs(Role::Ingest) {
             let kafka_producer = tally_infra::kafka::producer(&args.store, &args.pipeline)?;
@@ -62,11 +63,11 @@ impl App {
                 &args.pipeline,
                 &args.ingest,
             );
-            let writes = tally_ingest::router(Arc::new(service), args.ingest.body_max_bytes)
-                .route_layer(axum::middleware::from_fn_with_state(
-                    Arc::clone(&write_guard),
-                    guard::guard_writes,
-                ));
+            let service = Arc::new(service);
+            ingest = Some(Arc::clone(&service));
+            let writes = tally_ingest::router(service, args.ingest.body_max_bytes).route_layer(
+                axum::middleware::from_fn_with_state(Arc::clone(&write_guard), guard::guard_writes),
+            );
             router = router.merge(writes);
         }
         if args.runs(Role::Read) {
@@ -101,7 +102,7 @@ impl App {
             pool,
             kafka: kafka_metadata,
         });
-        let admin = admin_router(&args);
+        let admin = admin_router(&args, ingest);
         let router = router
             .route("/healthz", get(health::healthz))
             .route("/readyz", get(health::readyz).with_state(dependencies))
@@ -217,9 +218,9 @@ async fn forget_idle_clients(
     }
 }
 
-/// The admin routes, behind the admin token. Admin operations that change counters (audited
-/// set and reset) will live here too.
-fn admin_router(args: &ServeArgs) -> Router {
+/// The admin routes, behind the admin token: the process's status, and where the ingest role
+/// runs, the audited set, reset and import of plain counters and their audit trail.
+fn admin_router(args: &ServeArgs, ingest: Option<Arc<IngestService>>) -> Router {
     let status = serde_json::json!({
         "roles": args.roles,
         "kafka_topic": args.store.kafka_topic,
@@ -229,15 +230,17 @@ fn admin_router(args: &ServeArgs) -> Router {
         "version": env!("CARGO_PKG_VERSION"),
     });
     let admin_token: Option<Arc<str>> = args.security.admin_token.as_deref().map(Arc::from);
-    Router::new()
-        .route(
-            "/v1/admin/status",
-            get(move || async move { axum::Json(status) }),
-        )
-        .route_layer(axum::middleware::from_fn_with_state(
-            admin_token,
-            guard::guard_admin,
-        ))
+    let mut router = Router::new().route(
+        "/v1/admin/status",
+        get(move || async move { axum::Json(status) }),
+    );
+    if let Some(ingest) = ingest {
+        router = router.merge(tally_ingest::admin_router(ingest));
+    }
+    router.route_layer(axum::middleware::from_fn_with_state(
+        admin_token,
+        guard::guard_admin,
+    ))
 }
 
 async fn empty_name() -> Problem {
