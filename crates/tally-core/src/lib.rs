@@ -26,6 +26,8 @@ pub mod window;
 pub use amount::{Amount, AmountError, clamp_to_i64};
 pub use idempotency::{IdempotencyKey, IdempotencyKeyError, KeyUse};
 pub use name::{CounterName, CounterNameError};
-pub use record::{CounterRecord, IncrementRecord, KeyedIncrement, RecordError, SetAudit, SetRecord};
+pub use record::{
+    CounterRecord, IncrementRecord, KeyedIncrement, RecordError, SetAudit, SetRecord,
+};
 pub use shards::ShardPolicy;
 pub use window::WindowSpec;

@@ -34,7 +34,10 @@ pub use service::{
 pub fn admin_router(service: Arc<IngestService>) -> Router {
     Router::new()
         .route("/v1/admin/counters/{name}/set", post(admin::set_counter))
-        .route("/v1/admin/counters/{name}/reset", post(admin::reset_counter))
+        .route(
+            "/v1/admin/counters/{name}/reset",
+            post(admin::reset_counter),
+        )
         .route("/v1/admin/import", post(admin::import))
         .route("/v1/admin/audit", get(admin::audit))
         .layer(DefaultBodyLimit::max(admin::IMPORT_BODY_MAX_BYTES))

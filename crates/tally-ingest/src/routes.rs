@@ -410,7 +410,10 @@ pub(crate) fn json_kind(value: &Value) -> &'static str {
     }
 }
 
-pub(crate) fn reject_unknown_members(object: &Map<String, Value>, known: &[&str]) -> Result<(), Problem> {
+pub(crate) fn reject_unknown_members(
+    object: &Map<String, Value>,
+    known: &[&str],
+) -> Result<(), Problem> {
     match object
         .keys()
         .find(|member| !known.contains(&member.as_str()))

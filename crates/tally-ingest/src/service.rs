@@ -494,7 +494,8 @@ impl IngestService {
             sent.push(self.send_payload(name, &payload));
         }
         let outcomes = self.await_deliveries(sent).await;
-        metrics::SETS_ACCEPTED.inc_by(outcomes.iter().filter(|outcome| outcome.is_ok()).count() as u64);
+        metrics::SETS_ACCEPTED
+            .inc_by(outcomes.iter().filter(|outcome| outcome.is_ok()).count() as u64);
         request_outcome(outcomes)?;
         Ok(audit_ids)
     }
