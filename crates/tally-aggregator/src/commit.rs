@@ -34,10 +34,12 @@ pub(crate) struct CommittedWindow {
 /// `counters` and `consumer_offsets`. Sums are added as `numeric` and clamped into the `bigint`
 /// range, so a counter saturates rather than wraps or fails the whole window.
 ///
-/// A counter with a set takes the set's value plus the commit's sums instead of adding them to
-/// its total: the pending window only takes a set into a commit that holds nothing read before
-/// it for that counter. The audit row's old value is the total before the statement (its
-/// snapshot does not see the statement's own writes), which is then everything before the set.
+/// A counter with a set takes the set's value plus the commit's sums as its total, and the set's
+/// window takes `value - old total` on top of its sum, so the counter's windows still add up to
+/// its total. The old total is the total before the statement (its snapshot does not see the
+/// statement's own writes): the pending window only takes a set into a commit that holds
+/// nothing read before it for that counter, so that is everything before the set, and it is
+/// also the audit row's old value.
 const WINDOW_UPSERT: &str = r#"
 WITH keyed AS (
     SELECT * FROM unnest($12::text[], $13::text[], $14::bigint[], $15::bigint[])
@@ -67,18 +69,38 @@ conflicts AS (
         WHERE i.key = c.key AND (i.counter <> c.counter OR i.by <> c.by)
           AND i.applied_at > now() - make_interval(secs => $16))
 ),
+sets AS (
+    SELECT s.*, coalesce(c.total, 0) AS old_value
+    FROM unnest($18::text[], $19::bigint[], $20::bigint[], $21::text[], $22::text[], $23::text[],
+                $24::text[], $25::bigint[])
+         AS s(name, window_start_ms, value, audit_id, actor, client, reason, requested_ms)
+    LEFT JOIN counters c ON c.name = s.name
+),
+audits AS (
+    INSERT INTO counter_audit (audit_id, counter, actor, client, reason, requested_at,
+                               old_value, new_value)
+    SELECT audit_id, name, actor, client, reason, to_timestamp(requested_ms / 1000.0),
+           old_value, value
+    FROM sets
+    ON CONFLICT (audit_id) DO NOTHING
+),
 input AS (
     SELECT r.name, to_timestamp(r.window_start_ms / 1000.0) AS window_start,
-           r.delta - coalesce(a.by, 0) AS delta, r.positive, r.negative, r.kafka_partition
+           r.delta - coalesce(a.by, 0) AS delta,
+           coalesce(s.value::numeric - s.old_value, 0) AS set_adjustment,
+           s.value AS set_value,
+           r.positive, r.negative, r.kafka_partition
     FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[])
          AS r(name, window_start_ms, delta, positive, negative, kafka_partition)
     LEFT JOIN applied_before a
            ON a.name = r.name AND a.window_start_ms = r.window_start_ms
+    LEFT JOIN sets s ON s.name = r.name AND s.window_start_ms = r.window_start_ms
 ),
 windows AS (
     INSERT INTO counter_windows AS w (name, window_start, sum, positive, negative)
     SELECT name, window_start,
-           LEAST(GREATEST(delta, -9223372036854775808), 9223372036854775807)::bigint,
+           LEAST(GREATEST(delta + set_adjustment, -9223372036854775808),
+                 9223372036854775807)::bigint,
            positive, negative
     FROM input
     ON CONFLICT (name, window_start) DO UPDATE
@@ -90,30 +112,15 @@ windows AS (
     RETURNING name, (extract(epoch FROM window_start) * 1000)::bigint AS window_start_ms,
               positive, negative
 ),
-sets AS (
-    SELECT * FROM unnest($18::text[], $19::bigint[], $20::text[], $21::text[], $22::text[],
-                         $23::text[], $24::bigint[])
-         AS s(name, value, audit_id, actor, client, reason, requested_ms)
-),
-audits AS (
-    INSERT INTO counter_audit (audit_id, counter, actor, client, reason, requested_at,
-                               old_value, new_value)
-    SELECT s.audit_id, s.name, s.actor, s.client, s.reason,
-           to_timestamp(s.requested_ms / 1000.0),
-           coalesce((SELECT c.total FROM counters c WHERE c.name = s.name), 0), s.value
-    FROM sets s
-    ON CONFLICT (audit_id) DO NOTHING
-),
 totals AS (
     INSERT INTO counters AS c (name, total, version, kafka_partition, last_window_start,
                                generation)
-    SELECT i.name,
-           LEAST(GREATEST(coalesce(max(s.value), 0) + sum(i.delta), -9223372036854775808),
+    SELECT name,
+           LEAST(GREATEST(coalesce(max(set_value), 0) + sum(delta), -9223372036854775808),
                  9223372036854775807)::bigint,
-           1, min(i.kafka_partition), max(i.window_start), $11
-    FROM input i
-    LEFT JOIN sets s ON s.name = i.name
-    GROUP BY i.name
+           1, min(kafka_partition), max(window_start), $11
+    FROM input
+    GROUP BY name
     ON CONFLICT (name) DO UPDATE
         SET total = CASE
                 WHEN EXISTS (SELECT 1 FROM sets s WHERE s.name = c.name) THEN excluded.total
@@ -220,6 +227,7 @@ pub(crate) async fn commit_window(
         .bind(idempotency_window_secs as f64)
         .bind(column(&rows.offsets, |row| row.closed_window_ms))
         .bind(column(&rows.sets, |row| row.name.as_str()))
+        .bind(column(&rows.sets, |row| row.window_start_ms))
         .bind(column(&rows.sets, |row| row.value))
         .bind(column(&rows.sets, |row| row.audit.id.as_str()))
         .bind(column(&rows.sets, |row| row.audit.actor.as_str()))

@@ -167,6 +167,8 @@ pub(crate) struct OffsetRow {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct SetRow {
     pub(crate) name: String,
+    /// The window the set was made in; the commit has a row for it.
+    pub(crate) window_start_ms: i64,
     pub(crate) value: i64,
     pub(crate) audit: SetAudit,
 }
@@ -363,6 +365,7 @@ impl PendingWindow {
             if let Some(set) = &counter.set {
                 rows.sets.push(SetRow {
                     name: name.clone(),
+                    window_start_ms: set.window_start_ms,
                     value: set.value,
                     audit: set.audit.clone(),
                 });

@@ -88,6 +88,13 @@ async fn a_set_replaces_what_came_before_and_later_increments_add_on_top() {
     let audit_id = accepted["audit_id"].as_str().unwrap().to_owned();
     assert_eq!(app.increment("page", 3).await.status(), 202);
     app.wait_for_exact("page", 103).await;
+    // The set's window carries the jump, so the windows still add up to the total.
+    let windows_sum: i64 =
+        sqlx::query_scalar("SELECT sum(sum)::bigint FROM counter_windows WHERE name = 'page'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(windows_sum, 103);
 
     let entries = wait_for_audit(&app, "page", 1).await;
     let entry = &entries[0];
