@@ -15,6 +15,8 @@
 # TALLY_FAULTS_KAFKA_PORT, TALLY_FAULTS_KAFKA_CONTROLLER_PORT. CARGO_TARGET_DIR is honoured
 # (build elsewhere than target/); TALLY_FAULTS_TALLY_BIN tests that tally binary instead of
 # building one. Logs of every Tally process and the report: <TALLY_FAULTS_DIR>/run/.
+# Every Tally process the suite starts gets an admin token of the suite's own (whatever
+# TALLY_ADMIN_TOKEN says here): its set mode sets, resets and imports counters under load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$(pwd -P)"
@@ -34,7 +36,7 @@ for arg in "$@"; do
     --release) profile=release ;;
     --list) list_only=1 ;;
     -h | --help)
-      sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+      sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
       exit 0
       ;;
     *) args+=("$arg") ;;

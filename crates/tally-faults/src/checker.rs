@@ -15,12 +15,22 @@
 //! acknowledged; `409` (key in flight) and `422` (key reused) are failed, never counted; a `503`
 //! or a timeout is indeterminate. A `202 {"duplicate": true}` for a use unlike every other use
 //! of its key, and a `422` for a use exactly like the first one, are violations of their own.
+//!
+//! Counters with admin sets (see [`crate::sets`]): a set replaces everything before it in the
+//! counter's log, so the value alone no longer sums the increments. The audit trail gives every
+//! applied set, in log order, with the value right before it; with sets `s_1..s_k`, `new_0 = 0`,
+//! the increments applied are `Σ (old_i − new_{i−1}) + (final − new_k)`, held to the same rules
+//! as a counter without sets. Each term is also held to the increments that can lie between
+//! those two sets in the log, from when they were acknowledged and sent ([`set_segments`]), which
+//! catches an increment applied on the wrong side of a set and a wrong `old_value`. Reads are
+//! bounded per set they may or may not see ([`check_reads_with_sets`]): a reset lowers a counter,
+//! so the plain bounds hold only for reads before the counter's first set.
 
 use std::fmt;
 use std::time::Duration;
 
 use crate::history::{
-    ClientMode, FaultRecord, IncrementOutcome, IncrementRecord, ReadRecord, seconds,
+    AppliedSet, ClientMode, FaultRecord, IncrementOutcome, IncrementRecord, ReadRecord, seconds,
 };
 
 /// The Tally settings the allowances derive from. The runner passes the same values to every
@@ -282,6 +292,65 @@ pub enum Violation {
         /// Tally's problem detail.
         detail: String,
     },
+    /// A counter with sets: the increments the audit trail and the final total say were applied
+    /// miss acknowledged increments.
+    LostAcrossSets {
+        counter: String,
+        applied_sum: i64,
+        acknowledged_sum: i64,
+        sets: usize,
+    },
+    /// A counter with sets: more increments applied than every acknowledged and indeterminate one.
+    CountedTwiceAcrossSets {
+        counter: String,
+        applied_sum: i64,
+        upper_bound: i64,
+        sets: usize,
+    },
+    /// A counter with sets whose increments were retried with their keys until acknowledged:
+    /// not every one applied exactly once.
+    NotExactAcrossSets {
+        counter: String,
+        applied_sum: i64,
+        intended_sum: i64,
+        sets: usize,
+    },
+    /// Between two sets in log order (or before the first, or after the last) the trail says
+    /// `applied_sum` was added, outside what the increments that can lie there allow: an
+    /// increment applied on the wrong side of a set, or an `old_value` that is not the value
+    /// right before the set.
+    SegmentOutOfBounds {
+        counter: String,
+        segment: String,
+        applied_sum: i64,
+        lower_bound: i64,
+        upper_bound: i64,
+    },
+    /// Tally acknowledged a set, and its `audit_id` is not in the audit trail.
+    AcknowledgedSetNotApplied {
+        counter: String,
+        audit_id: String,
+        acked_at: Duration,
+    },
+    /// One set request is in the audit trail more than once.
+    SetAppliedTwice {
+        counter: String,
+        reason: String,
+        times: usize,
+    },
+    /// An audit row no request explains: no set of ours had its reason, or that request failed
+    /// (`4xx`, never sent).
+    SetNotRequested {
+        counter: String,
+        seq: i64,
+        reason: String,
+    },
+    /// An audit row of one of our requests with another value or `audit_id` than the request's.
+    SetNotAsRequested {
+        counter: String,
+        seq: i64,
+        detail: String,
+    },
 }
 
 impl fmt::Display for Violation {
@@ -376,6 +445,80 @@ impl fmt::Display for Violation {
                 seconds(*answered_at),
                 detail.replace(['\n', '|'], " ")
             ),
+            Violation::LostAcrossSets {
+                counter,
+                applied_sum,
+                acknowledged_sum,
+                sets,
+            } => write!(
+                formatter,
+                "{counter}: across {sets} sets the audit trail and final total apply {applied_sum} of increments < {acknowledged_sum} acknowledged: {} acknowledged lost",
+                acknowledged_sum - applied_sum
+            ),
+            Violation::CountedTwiceAcrossSets {
+                counter,
+                applied_sum,
+                upper_bound,
+                sets,
+            } => write!(
+                formatter,
+                "{counter}: across {sets} sets the audit trail and final total apply {applied_sum} of increments > {upper_bound} (acknowledged + indeterminate): {} counted twice or counted though failed",
+                applied_sum - upper_bound
+            ),
+            Violation::NotExactAcrossSets {
+                counter,
+                applied_sum,
+                intended_sum,
+                sets,
+            } => write!(
+                formatter,
+                "{counter}: across {sets} sets the audit trail and final total apply {applied_sum} of increments != {intended_sum}, the exact sum of increments retried with the same Idempotency-Key ({})",
+                if applied_sum > intended_sum {
+                    format!("{} counted twice", applied_sum - intended_sum)
+                } else {
+                    format!("{} lost", intended_sum - applied_sum)
+                }
+            ),
+            Violation::SegmentOutOfBounds {
+                counter,
+                segment,
+                applied_sum,
+                lower_bound,
+                upper_bound,
+            } => write!(
+                formatter,
+                "{counter}: {segment} the audit trail says {applied_sum} of increments were applied, outside [{lower_bound}, {upper_bound}] (the acknowledged increments that must lie there, and every one that may): an increment applied on the wrong side of a set, or a wrong old_value"
+            ),
+            Violation::AcknowledgedSetNotApplied {
+                counter,
+                audit_id,
+                acked_at,
+            } => write!(
+                formatter,
+                "{counter}: set acknowledged at {} with audit_id {audit_id} is not in the audit trail",
+                seconds(*acked_at)
+            ),
+            Violation::SetAppliedTwice {
+                counter,
+                reason,
+                times,
+            } => write!(
+                formatter,
+                "{counter}: the set with reason {reason:?} is in the audit trail {times} times"
+            ),
+            Violation::SetNotRequested {
+                counter,
+                seq,
+                reason,
+            } => write!(
+                formatter,
+                "{counter}: audit row seq {seq} (reason {reason:?}) was applied though no set request that may land made it"
+            ),
+            Violation::SetNotAsRequested {
+                counter,
+                seq,
+                detail,
+            } => write!(formatter, "{counter}: audit row seq {seq}: {detail}"),
         }
     }
 }
@@ -398,6 +541,8 @@ pub struct ReadCheck {
     pub violations: Vec<Violation>,
     /// The largest lag of any read, if there was a read.
     pub max_lag: Option<ReadLag>,
+    /// Reads bounded per set they may see ([`check_reads_with_sets`]).
+    pub reads_across_sets: usize,
 }
 
 /// Checks every read of one counter against the bounds. `increments` and `reads` must all be of
@@ -555,6 +700,312 @@ pub fn check_final(
         }
     }
     violations
+}
+
+/// When a set's record was in the log at the latest: its acknowledgement, or never known for an
+/// indeterminate one (a stalled broker may append it any time later).
+fn appended_by(set: &AppliedSet) -> Option<Duration> {
+    set.acked_at
+}
+
+/// Whether `increment` may lie after `set` in the log: not if it was acknowledged before the
+/// set was sent (it was in the log then). Whatever copy of a retried increment counts is the
+/// first in the log, no later than its acknowledged one.
+fn may_follow(increment: &IncrementRecord, set: &AppliedSet) -> bool {
+    increment
+        .acked_at()
+        .is_none_or(|acked_at| acked_at >= set.invoked_at)
+}
+
+/// Whether `increment` must lie after `set` in the log: its first attempt was sent after the
+/// set was acknowledged.
+fn must_follow(increment: &IncrementRecord, set: &AppliedSet) -> bool {
+    appended_by(set).is_some_and(|appended| increment.invoked_at >= appended)
+}
+
+/// Whether `increment` may lie before `set` in the log: it was sent before the set's record
+/// was appended, which is before the set's acknowledgement.
+fn may_precede(increment: &IncrementRecord, set: &AppliedSet) -> bool {
+    appended_by(set).is_none_or(|appended| increment.invoked_at <= appended)
+}
+
+/// Whether `increment` must lie before `set` in the log: acknowledged before the set was sent.
+fn must_precede(increment: &IncrementRecord, set: &AppliedSet) -> bool {
+    increment
+        .acked_at()
+        .is_some_and(|acked_at| acked_at < set.invoked_at)
+}
+
+/// The increments applied between two consecutive sets in log order, per the audit trail, with
+/// what the history allows there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetSegment {
+    /// The set the segment starts after (`None`: the counter's beginning).
+    pub after_seq: Option<i64>,
+    /// The set the segment ends before (`None`: the final value).
+    pub before_seq: Option<i64>,
+    /// `old` of the set it ends before (or the final value) minus `new` of the set it starts
+    /// after (or 0).
+    pub applied_sum: i64,
+    /// Acknowledged increments that must lie in it.
+    pub lower_bound: i64,
+    /// Acknowledged and indeterminate increments that may lie in it.
+    pub upper_bound: i64,
+}
+
+impl SetSegment {
+    fn describe(&self) -> String {
+        match (self.after_seq, self.before_seq) {
+            (None, Some(before)) => format!("before the first set (seq {before})"),
+            (Some(after), Some(before)) => format!("between sets seq {after} and seq {before}"),
+            (Some(after), None) => format!("after the last set (seq {after})"),
+            (None, None) => "with no set".to_owned(),
+        }
+    }
+}
+
+/// Cuts one counter's log at its applied sets (`applied` in `seq` order) and bounds each piece.
+pub fn set_segments(
+    increments: &[IncrementRecord],
+    applied: &[AppliedSet],
+    final_value: i64,
+) -> Vec<SetSegment> {
+    (0..=applied.len())
+        .map(|index| {
+            let after = index.checked_sub(1).map(|previous| &applied[previous]);
+            let before = applied.get(index);
+            let start = after.map_or(0, |set| set.new_value);
+            let end = before.map_or(final_value, |set| set.old_value);
+            let lower_bound = increments
+                .iter()
+                .filter(|increment| increment.acked_at().is_some())
+                .filter(|increment| after.is_none_or(|set| must_follow(increment, set)))
+                .filter(|increment| before.is_none_or(|set| must_precede(increment, set)))
+                .map(|increment| increment.by)
+                .sum();
+            let upper_bound = increments
+                .iter()
+                .filter(|increment| increment.may_count())
+                .filter(|increment| after.is_none_or(|set| may_follow(increment, set)))
+                .filter(|increment| before.is_none_or(|set| may_precede(increment, set)))
+                .map(|increment| increment.by)
+                .sum();
+            SetSegment {
+                after_seq: after.map(|set| set.seq),
+                before_seq: before.map(|set| set.seq),
+                applied_sum: end.saturating_sub(start),
+                lower_bound,
+                upper_bound,
+            }
+        })
+        .collect()
+}
+
+/// `Σ (old_i − new_{i−1}) + (final − new_k)`: the increments applied to a counter whose applied
+/// sets are `applied`, in `seq` order.
+pub fn increments_applied_across_sets(applied: &[AppliedSet], final_value: i64) -> i64 {
+    let mut previous_new = 0i64;
+    let mut sum = 0i64;
+    for set in applied {
+        sum += set.old_value - previous_new;
+        previous_new = set.new_value;
+    }
+    sum + (final_value - previous_new)
+}
+
+/// What the final check of a counter with sets found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SetFinalCheck {
+    /// [`increments_applied_across_sets`].
+    pub applied_sum: i64,
+    /// Acknowledged increments missing from `applied_sum` (the exact sum's, in the retry mode).
+    pub lost: i64,
+    /// What `applied_sum` has beyond every increment that may count (beyond the exact sum, in
+    /// the retry mode).
+    pub doubled: i64,
+    /// Pieces of the log between sets held to their bounds.
+    pub segments: usize,
+    pub violations: Vec<Violation>,
+}
+
+/// [`check_final`] for a counter with sets: the same rules, for the increments the audit trail
+/// and the final total say were applied, and for each piece of the log between two sets.
+pub fn check_final_with_sets(
+    mode: ClientMode,
+    counter: &str,
+    increments: &[IncrementRecord],
+    applied: &[AppliedSet],
+    values: &FinalValues,
+) -> SetFinalCheck {
+    let sums = IncrementSums::of(increments);
+    let applied_sum = increments_applied_across_sets(applied, values.postgres);
+    let mut check = SetFinalCheck {
+        applied_sum,
+        ..SetFinalCheck::default()
+    };
+    if values.redis != Some(values.postgres) || values.read != Some(values.postgres) {
+        check.violations.push(Violation::StoresDisagree {
+            counter: counter.to_owned(),
+            values: *values,
+        });
+    }
+    let sets = applied.len();
+    match mode {
+        ClientMode::SingleAttempt | ClientMode::ConcurrentKeyReuse => {
+            check.lost = (sums.acknowledged - applied_sum).max(0);
+            check.doubled = (applied_sum - sums.upper_bound()).max(0);
+            if check.lost > 0 {
+                check.violations.push(Violation::LostAcrossSets {
+                    counter: counter.to_owned(),
+                    applied_sum,
+                    acknowledged_sum: sums.acknowledged,
+                    sets,
+                });
+            }
+            if check.doubled > 0 {
+                check.violations.push(Violation::CountedTwiceAcrossSets {
+                    counter: counter.to_owned(),
+                    applied_sum,
+                    upper_bound: sums.upper_bound(),
+                    sets,
+                });
+            }
+        }
+        ClientMode::RetryWithSameKey => {
+            check.lost = (sums.intended - applied_sum).max(0);
+            check.doubled = (applied_sum - sums.intended).max(0);
+            if sums.unresolved_count > 0 {
+                check
+                    .violations
+                    .push(Violation::UnacknowledgedAfterRetries {
+                        counter: counter.to_owned(),
+                        unresolved_count: sums.unresolved_count,
+                    });
+            }
+            if applied_sum != sums.intended {
+                check.violations.push(Violation::NotExactAcrossSets {
+                    counter: counter.to_owned(),
+                    applied_sum,
+                    intended_sum: sums.intended,
+                    sets,
+                });
+            }
+        }
+    }
+    let segments = set_segments(increments, applied, values.postgres);
+    check.segments = segments.len();
+    for segment in segments {
+        if segment.applied_sum < segment.lower_bound || segment.applied_sum > segment.upper_bound {
+            check.violations.push(Violation::SegmentOutOfBounds {
+                counter: counter.to_owned(),
+                segment: segment.describe(),
+                applied_sum: segment.applied_sum,
+                lower_bound: segment.lower_bound,
+                upper_bound: segment.upper_bound,
+            });
+        }
+    }
+    check
+}
+
+/// [`check_reads`] for a counter with sets (`applied`: the sets the audit trail holds; a set
+/// that never landed changes nothing). Reads that completed before the first applied set was
+/// sent get the plain bounds and the lag measure. A later read shows some prefix of the log
+/// applied, plus the increments after it that the deltas hold; so:
+/// - **upper bound**: the most any set it may see (sent before it completed), or none, leaves
+///   it: that set's value plus every increment that may follow the set and was sent before the
+///   read completed;
+/// - **lower bound**: the acknowledged increments, older than their allowed staleness, that no
+///   set it may see can have replaced: sent after every such set was in the log. None, once it
+///   may see a set whose request was indeterminate (nobody knows when that reached the log).
+pub fn check_reads_with_sets(
+    increments: &[IncrementRecord],
+    reads: &[ReadRecord],
+    applied: &[AppliedSet],
+    faults: &[FaultRecord],
+    allowances: &StalenessAllowances,
+) -> ReadCheck {
+    let first_set_sent = applied.iter().map(|set| set.invoked_at).min();
+    let (before_sets, after_sets): (Vec<ReadRecord>, Vec<ReadRecord>) = reads
+        .iter()
+        .cloned()
+        .partition(|read| first_set_sent.is_none_or(|sent| read.completed_at <= sent));
+    let mut check = check_reads(increments, &before_sets, faults, allowances);
+    check.reads_across_sets = after_sets.len();
+    let acknowledged: Vec<(&IncrementRecord, Duration, bool)> = increments
+        .iter()
+        .filter_map(|increment| {
+            let acked_at = increment.acked_at()?;
+            Some((
+                increment,
+                acked_at,
+                allowances.redis_delta_may_be_lost(acked_at, faults),
+            ))
+        })
+        .collect();
+    for read in &after_sets {
+        let visible: Vec<&AppliedSet> = applied
+            .iter()
+            .filter(|set| set.invoked_at < read.completed_at)
+            .collect();
+        let sent_before_completion =
+            |increment: &&IncrementRecord| increment.invoked_at < read.completed_at;
+        let without_a_set: i64 = increments
+            .iter()
+            .filter(|increment| increment.may_count())
+            .filter(sent_before_completion)
+            .map(|increment| increment.by)
+            .sum();
+        let upper_bound = visible
+            .iter()
+            .map(|set| {
+                set.new_value
+                    + increments
+                        .iter()
+                        .filter(|increment| increment.may_count())
+                        .filter(sent_before_completion)
+                        .filter(|increment| may_follow(increment, set))
+                        .map(|increment| increment.by)
+                        .sum::<i64>()
+            })
+            .fold(without_a_set, i64::max);
+        // Every visible set must be in the log before an increment counts toward the bound.
+        let barrier: Option<Duration> = visible.iter().try_fold(Duration::ZERO, |latest, set| {
+            appended_by(set).map(|appended| latest.max(appended))
+        });
+        let lower_bound: i64 = barrier.map_or(0, |barrier| {
+            acknowledged
+                .iter()
+                .filter(|(increment, acked_at, delta_may_be_lost)| {
+                    increment.invoked_at >= barrier
+                        && *acked_at
+                            + allowances.allowed_staleness_knowing(
+                                *acked_at,
+                                *delta_may_be_lost,
+                                read,
+                                faults,
+                            )
+                            < read.invoked_at
+                })
+                .map(|(increment, _, _)| increment.by)
+                .sum()
+        });
+        if read.value < lower_bound {
+            check.violations.push(Violation::ReadBelowLowerBound {
+                counter: read.counter.clone(),
+                read: read.clone(),
+                lower_bound,
+            });
+        }
+        if read.value > upper_bound {
+            check.violations.push(Violation::ReadAboveUpperBound {
+                counter: read.counter.clone(),
+                read: read.clone(),
+                upper_bound,
+            });
+        }
+    }
+    check
 }
 
 #[cfg(test)]
@@ -1087,5 +1538,181 @@ mod tests {
             }
         );
         assert_eq!(sums.upper_bound(), 8);
+    }
+
+    fn applied(
+        seq: i64,
+        old_value: i64,
+        new_value: i64,
+        invoked_ms: u64,
+        acked_ms: Option<u64>,
+    ) -> AppliedSet {
+        AppliedSet {
+            seq,
+            old_value,
+            new_value,
+            invoked_at: at(invoked_ms),
+            acked_at: acked_ms.map(at),
+        }
+    }
+
+    #[test]
+    fn increments_applied_across_sets_follow_the_audit_trail() {
+        // 5 and 3 before a reset (old 8), 2 after it, then a set to 100 (old 2), then 4: 104.
+        let increments = [
+            acknowledged(5, 0, 100),
+            acknowledged(3, 200, 300),
+            acknowledged(2, 1_200, 1_300),
+            acknowledged(4, 2_200, 2_300),
+        ];
+        let sets = [
+            applied(1, 8, 0, 1_000, Some(1_100)),
+            applied(2, 2, 100, 2_000, Some(2_100)),
+        ];
+        assert_eq!(increments_applied_across_sets(&sets, 104), 14);
+        let check = check_final_with_sets(
+            ClientMode::SingleAttempt,
+            COUNTER,
+            &increments,
+            &sets,
+            &agreeing(104),
+        );
+        assert_eq!(check.violations, vec![]);
+        assert_eq!((check.applied_sum, check.lost, check.doubled), (14, 0, 0));
+        // The retry mode holds it to the exact sum.
+        let exact = check_final_with_sets(
+            ClientMode::RetryWithSameKey,
+            COUNTER,
+            &increments,
+            &sets,
+            &agreeing(104),
+        );
+        assert_eq!(exact.violations, vec![]);
+    }
+
+    #[test]
+    fn a_lost_or_doubled_increment_across_sets_is_a_violation() {
+        let increments = [acknowledged(5, 0, 100), acknowledged(2, 1_200, 1_300)];
+        let sets = [applied(1, 5, 0, 1_000, Some(1_100))];
+        // The 2 after the reset is missing from the final value.
+        let lost = check_final_with_sets(
+            ClientMode::SingleAttempt,
+            COUNTER,
+            &increments,
+            &sets,
+            &agreeing(0),
+        );
+        assert_eq!(lost.lost, 2);
+        assert!(lost.violations.contains(&Violation::LostAcrossSets {
+            counter: COUNTER.into(),
+            applied_sum: 5,
+            acknowledged_sum: 7,
+            sets: 1,
+        }));
+        // Counted twice after the reset.
+        let doubled = check_final_with_sets(
+            ClientMode::SingleAttempt,
+            COUNTER,
+            &increments,
+            &sets,
+            &agreeing(4),
+        );
+        assert_eq!(doubled.doubled, 2);
+        assert!(
+            doubled.violations[0]
+                .to_string()
+                .contains("2 counted twice")
+        );
+    }
+
+    #[test]
+    fn an_increment_applied_on_the_wrong_side_of_a_set_is_caught() {
+        // Acknowledged at 0.1 s, before the reset was sent at 1.0 s: it must be replaced by the
+        // reset. A final value of 5 (it came back after the reset) with old_value 0 keeps the
+        // total equation true, but not the pieces.
+        let increments = [acknowledged(5, 0, 100)];
+        let sets = [applied(1, 0, 0, 1_000, Some(1_100))];
+        let check = check_final_with_sets(
+            ClientMode::SingleAttempt,
+            COUNTER,
+            &increments,
+            &sets,
+            &agreeing(5),
+        );
+        assert_eq!(check.applied_sum, 5);
+        assert_eq!(
+            check.violations,
+            vec![
+                Violation::SegmentOutOfBounds {
+                    counter: COUNTER.into(),
+                    segment: "before the first set (seq 1)".into(),
+                    applied_sum: 0,
+                    lower_bound: 5,
+                    upper_bound: 5,
+                },
+                Violation::SegmentOutOfBounds {
+                    counter: COUNTER.into(),
+                    segment: "after the last set (seq 1)".into(),
+                    applied_sum: 5,
+                    lower_bound: 0,
+                    upper_bound: 0,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn an_indeterminate_set_or_increment_may_fall_on_either_side() {
+        // The set's answer never came: the increment sent at 1.5 s may be before or after it.
+        let increments = [acknowledged(5, 0, 100), acknowledged(3, 1_500, 1_600)];
+        let sets = [applied(1, 8, 0, 1_000, None)];
+        for (old_value, final_value) in [(8, 0), (5, 3)] {
+            let sets = [applied(1, old_value, 0, 1_000, None)];
+            let check = check_final_with_sets(
+                ClientMode::SingleAttempt,
+                COUNTER,
+                &increments,
+                &sets,
+                &agreeing(final_value),
+            );
+            assert_eq!(
+                check.violations,
+                vec![],
+                "old {old_value}, final {final_value}"
+            );
+        }
+        let segments = set_segments(&increments, &sets, 0);
+        assert_eq!((segments[1].lower_bound, segments[1].upper_bound), (0, 3));
+    }
+
+    #[test]
+    fn reads_are_bounded_per_set_they_may_see() {
+        let increments = [
+            acknowledged(5, 0, 100),
+            acknowledged(3, 200, 300),
+            acknowledged(2, 2_000, 2_100),
+        ];
+        let sets = [applied(1, 8, 0, 1_000, Some(1_100))];
+        let check = |value, invoked_ms, stale| {
+            check_reads_with_sets(
+                &increments,
+                &[read(value, invoked_ms, invoked_ms + 10, stale)],
+                &sets,
+                &[],
+                &allowances(),
+            )
+            .violations
+        };
+        // Before the reset was sent: the plain bounds.
+        assert_eq!(check(8, 900, false), vec![]);
+        assert_eq!(check(9, 900, false).len(), 1, "above every increment sent");
+        // After it, a reset legitimately lowers the counter...
+        assert_eq!(check(2, 5_000, false), vec![]);
+        // ...and a read that has not seen it yet may still show the old value and the 2.
+        assert_eq!(check(10, 2_500, false), vec![]);
+        // But the 2, sent after the reset was acknowledged, must show once old enough.
+        assert_eq!(check(0, 5_000, false).len(), 1);
+        // And nothing may exceed the most any set leaves: 8 + 2 = 10 without the reset.
+        assert_eq!(check(11, 5_000, false).len(), 1);
     }
 }

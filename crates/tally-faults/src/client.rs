@@ -11,6 +11,7 @@
 //! - `503`, any other `5xx`, a timeout, a connection lost after sending: indeterminate;
 //! - a connection that could not even be opened: the request never left, nothing counted.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -66,6 +67,53 @@ pub struct BatchItem {
 pub struct TallyClient {
     http: reqwest::Client,
     base_url: String,
+    /// Sent as `Authorization: Bearer` on the admin routes.
+    admin_token: Option<String>,
+}
+
+/// What one admin set, reset or import came to (the same classification as an increment's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetAnswer {
+    /// `202`: the `audit_id` of each counter's set.
+    Acknowledged { audit_ids: BTreeMap<String, String> },
+    /// Applied once or never. `unexpected` names an answer other than `503` or a transport
+    /// failure.
+    Indeterminate {
+        cause: String,
+        unexpected: Option<String>,
+    },
+    /// A `4xx`, or never sent: nothing applied. `unexpected` names a `4xx`, which a valid
+    /// request should never get.
+    Failed { unexpected: Option<String> },
+}
+
+/// One row of `GET /v1/admin/audit` (the fields the checker uses).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct AuditRow {
+    pub seq: i64,
+    pub audit_id: String,
+    pub counter: String,
+    pub reason: String,
+    pub old_value: i64,
+    pub new_value: i64,
+}
+
+/// One page of the audit trail, newest first.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuditPage {
+    pub entries: Vec<AuditRow>,
+    pub next_before: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct SetAccepted {
+    counter: String,
+    audit_id: String,
+}
+
+#[derive(Deserialize)]
+struct ImportAccepted {
+    counters: Vec<SetAccepted>,
 }
 
 #[derive(Deserialize)]
@@ -87,7 +135,96 @@ impl TallyClient {
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(Duration::from_secs(1))
             .build()?;
-        Ok(TallyClient { http, base_url })
+        Ok(TallyClient {
+            http,
+            base_url,
+            admin_token: None,
+        })
+    }
+
+    /// The same client, sending `token` on the admin routes.
+    pub fn with_admin_token(mut self, token: &str) -> Self {
+        self.admin_token = Some(token.to_owned());
+        self
+    }
+
+    fn admin_post(&self, path: &str, body: serde_json::Value) -> reqwest::RequestBuilder {
+        let request = self
+            .http
+            .post(format!("{}{path}", self.base_url))
+            .json(&body);
+        match &self.admin_token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    /// `POST /v1/admin/counters/{counter}/set`.
+    pub async fn set_counter(&self, counter: &str, value: i64, reason: &str) -> SetAnswer {
+        let request = self.admin_post(
+            &format!("/v1/admin/counters/{counter}/set"),
+            json!({ "value": value, "reason": reason }),
+        );
+        single_set_answer(request.send().await).await
+    }
+
+    /// `POST /v1/admin/counters/{counter}/reset`.
+    pub async fn reset_counter(&self, counter: &str, reason: &str) -> SetAnswer {
+        let request = self.admin_post(
+            &format!("/v1/admin/counters/{counter}/reset"),
+            json!({ "reason": reason }),
+        );
+        single_set_answer(request.send().await).await
+    }
+
+    /// `POST /v1/admin/import`: every set applied, or none, or (indeterminate) any of them.
+    pub async fn import(&self, sets: &[(String, i64)], reason: &str) -> SetAnswer {
+        let counters: Vec<serde_json::Value> = sets
+            .iter()
+            .map(|(counter, value)| json!({ "counter": counter, "value": value }))
+            .collect();
+        let request = self.admin_post(
+            "/v1/admin/import",
+            json!({ "counters": counters, "reason": reason }),
+        );
+        match request.send().await {
+            Ok(response) if response.status() == StatusCode::ACCEPTED => {
+                let audit_ids = response
+                    .json::<ImportAccepted>()
+                    .await
+                    .map(|body| {
+                        body.counters
+                            .into_iter()
+                            .map(|set| (set.counter, set.audit_id))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                SetAnswer::Acknowledged { audit_ids }
+            }
+            Ok(response) => set_answer_of(classify_failure_status(response).await),
+            Err(error) => set_answer_of(classify_transport_error(&error)),
+        }
+    }
+
+    /// `GET /v1/admin/audit?limit=..&before=..`: one page of every counter's trail.
+    pub async fn audit_page(&self, limit: i64, before: Option<i64>) -> anyhow::Result<AuditPage> {
+        let mut url = format!("{}/v1/admin/audit?limit={limit}", self.base_url);
+        if let Some(before) = before {
+            url.push_str(&format!("&before={before}"));
+        }
+        let mut request = self.http.get(url);
+        if let Some(token) = &self.admin_token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        anyhow::ensure!(
+            status == StatusCode::OK,
+            "GET /v1/admin/audit answered {}: {}",
+            status.as_u16(),
+            response.text().await.unwrap_or_default()
+        );
+        Ok(response.json::<AuditPage>().await?)
     }
 
     pub fn base_url(&self) -> &str {
@@ -181,6 +318,43 @@ impl TallyClient {
             self.http.get(format!("{}{path}", self.base_url)).send().await,
             Ok(response) if response.status() == StatusCode::OK
         )
+    }
+}
+
+async fn single_set_answer(sent: Result<reqwest::Response, reqwest::Error>) -> SetAnswer {
+    match sent {
+        Ok(response) if response.status() == StatusCode::ACCEPTED => {
+            let audit_ids = response
+                .json::<SetAccepted>()
+                .await
+                .map(|body| BTreeMap::from([(body.counter, body.audit_id)]))
+                .unwrap_or_default();
+            SetAnswer::Acknowledged { audit_ids }
+        }
+        Ok(response) => set_answer_of(classify_failure_status(response).await),
+        Err(error) => set_answer_of(classify_transport_error(&error)),
+    }
+}
+
+/// An admin request's failure, classified like an increment's.
+fn set_answer_of(result: AttemptResult) -> SetAnswer {
+    match result {
+        AttemptResult::Indeterminate {
+            cause, unexpected, ..
+        } => SetAnswer::Indeterminate { cause, unexpected },
+        AttemptResult::NotSent { .. } => SetAnswer::Failed { unexpected: None },
+        AttemptResult::Rejected { status, .. } => SetAnswer::Failed {
+            unexpected: Some(format!("HTTP {status}")),
+        },
+        AttemptResult::KeyInFlight { .. } => SetAnswer::Failed {
+            unexpected: Some("HTTP 409".to_owned()),
+        },
+        AttemptResult::KeyReused { .. } => SetAnswer::Failed {
+            unexpected: Some("HTTP 422".to_owned()),
+        },
+        AttemptResult::Acknowledged { .. } => SetAnswer::Acknowledged {
+            audit_ids: BTreeMap::new(),
+        },
     }
 }
 

@@ -104,6 +104,57 @@ pub struct ReadRecord {
     pub fresh: bool,
 }
 
+/// What became of one counter's set (a set, a reset, or one item of an import).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetOutcome {
+    /// `202` at `acked_at`: Kafka has the set record, so it must be applied exactly once, and
+    /// its `audit_id` must be in the audit trail exactly once.
+    Acknowledged {
+        acked_at: Duration,
+        audit_id: String,
+    },
+    /// `503`, another `5xx`, a timeout, a connection lost after sending: applied once or never.
+    Indeterminate,
+    /// A `4xx`, or never sent: it must never be applied.
+    Failed,
+}
+
+/// One set of one counter, as the set client asked for it. Every request carries a reason of
+/// its own, so each audit row can be traced back to the request that made it, even when the
+/// request's answer (with its `audit_id`) never came.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetRecord {
+    pub counter: String,
+    pub value: i64,
+    /// Unique per request (an import's items share it, one per counter).
+    pub reason: String,
+    pub invoked_at: Duration,
+    pub outcome: SetOutcome,
+}
+
+impl SetRecord {
+    pub fn acked_at(&self) -> Option<Duration> {
+        match self.outcome {
+            SetOutcome::Acknowledged { acked_at, .. } => Some(acked_at),
+            _ => None,
+        }
+    }
+}
+
+/// A set the audit trail says was applied, with the request that made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedSet {
+    /// The trail's order: the order the sets were applied, which is their order in the log.
+    pub seq: i64,
+    /// The counter's value right before the set, in log order.
+    pub old_value: i64,
+    pub new_value: i64,
+    pub invoked_at: Duration,
+    /// `None` when the request was indeterminate: the record may have reached the log any time
+    /// after `invoked_at`.
+    pub acked_at: Option<Duration>,
+}
+
 /// The faults the runner injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FaultKind {

@@ -77,6 +77,9 @@ fn finished(result: ScenarioResult) -> ScenarioResult {
         if result.passed() { "passed" } else { "FAILED" },
         result.elapsed.as_secs_f64()
     );
+    if let Some(sets) = &result.sets {
+        eprintln!("  {}: {}", result.name, sets.summary());
+    }
     result
 }
 

@@ -197,6 +197,9 @@ impl TallyProcess {
             .arg("--shutdown-timeout-secs")
             .arg("10")
             .env("TALLY_LOG", "info,sqlx=warn")
+            // The set mode's admin client sets counters and reads the audit trail; a variable
+            // rather than `--admin-token`, so the token is not in every process listing.
+            .env("TALLY_ADMIN_TOKEN", crate::sets::ADMIN_TOKEN)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::history::{ClientMode, seconds};
-use crate::runner::{MemoryResult, ModeResult, ScenarioResult};
+use crate::runner::{MemoryResult, ModeResult, ScenarioResult, SetResult};
 use crate::wide::WideResult;
 
 /// The most violations printed per scenario and mode; the count in the verdict is complete.
@@ -34,6 +34,9 @@ pub fn markdown(results: &[ScenarioResult], header: &str) -> String {
         for mode in &result.modes {
             let _ = writeln!(out, "{}", row(result, mode));
         }
+        if let Some(sets) = &result.sets {
+            let _ = writeln!(out, "{}", sets_row(result, sets));
+        }
         if let Some(wide) = &result.wide {
             let _ = writeln!(out, "{}", wide_row(result, wide));
         }
@@ -47,6 +50,8 @@ pub fn markdown(results: &[ScenarioResult], header: &str) -> String {
         "`increments`, `ok`, `failed`, `indeterminate` count attempts (a batch counts once per item; a retry is another attempt). \
          `expected` is the range the final PostgreSQL value must lie in (`=` when every increment was retried with its Idempotency-Key until acknowledged). \
          Values are summed over the mode's counters; each counter is checked on its own. \
+         The first counter of every mode also gets admin sets, resets and imports: its increments applied are derived from the audit trail and its final value, and `expected` is moved by what the sets added to the final value. \
+         `sets` rows count sets (an import sets several counters): `increments` requested, `ok` acknowledged, `expected` how many the audit trail holds and how many counters were checked against it. \
          `wide batches` rows sum 100,000 names, each checked on its own in PostgreSQL only; `aggregator memory` rows compare the aggregator's peak VmRSS during and after the PostgreSQL outage with its bound."
     );
     for result in results {
@@ -57,11 +62,14 @@ pub fn markdown(results: &[ScenarioResult], header: &str) -> String {
 
 fn row(result: &ScenarioResult, mode: &ModeResult) -> String {
     let attempts = &mode.attempts;
+    let shift = mode.set_shift;
     let expected = match mode.mode {
-        ClientMode::SingleAttempt | ClientMode::ConcurrentKeyReuse => {
-            format!("{}..={}", mode.sums.acknowledged, mode.sums.upper_bound())
-        }
-        ClientMode::RetryWithSameKey => format!("= {}", mode.sums.intended),
+        ClientMode::SingleAttempt | ClientMode::ConcurrentKeyReuse => format!(
+            "{}..={}",
+            mode.sums.acknowledged + shift,
+            mode.sums.upper_bound() + shift
+        ),
+        ClientMode::RetryWithSameKey => format!("= {}", mode.sums.intended + shift),
     };
     let lag = mode.max_lag.as_ref().map_or_else(
         || "—".to_owned(),
@@ -89,6 +97,32 @@ fn row(result: &ScenarioResult, mode: &ModeResult) -> String {
         optional(mode.redis),
         optional(mode.read),
         lag,
+        verdict
+    )
+}
+
+fn sets_row(result: &ScenarioResult, sets: &SetResult) -> String {
+    let set_violations: usize = sets.violations.len();
+    let verdict = if set_violations > 0 {
+        format!("FAIL ({set_violations} violations)")
+    } else if sets.sets_lost + sets.sets_doubled > 0
+        || sets.increments_lost + sets.increments_doubled > 0
+    {
+        "FAIL (see the modes' violations)".to_owned()
+    } else if !result.drained {
+        "FAIL (not drained)".to_owned()
+    } else {
+        "ok".to_owned()
+    };
+    format!(
+        "| {} | sets | {} | {} | {} | {} | — | — | {} applied, {} counters | — | — | — | — | {} |",
+        result.name,
+        sets.tally.acknowledged + sets.tally.indeterminate + sets.tally.failed,
+        sets.tally.acknowledged,
+        sets.tally.failed,
+        sets.tally.indeterminate,
+        sets.applied,
+        sets.counters_checked,
         verdict
     )
 }
@@ -200,6 +234,15 @@ fn details(out: &mut String, result: &ScenarioResult) {
     }
     for failure in &result.failures {
         let _ = writeln!(out, "- FAILED: {failure}");
+    }
+    if let Some(sets) = &result.sets {
+        let _ = writeln!(out, "- {}", sets.summary());
+        for (what, count) in &sets.tally.unexpected {
+            let _ = writeln!(out, "- sets: unexpected answer: {what} × {count}");
+        }
+        for violation in sets.violations.iter().take(VIOLATIONS_SHOWN) {
+            let _ = writeln!(out, "- sets: VIOLATION {violation}");
+        }
     }
     if let Some(wide) = &result.wide {
         wide_details(out, wide);

@@ -13,9 +13,9 @@ use sqlx::postgres::PgPoolOptions;
 
 use crate::checker::{
     FinalValues, IncrementSums, PipelineTiming, ReadLag, StalenessAllowances, Violation,
-    check_final, check_reads,
+    check_final, check_final_with_sets, check_reads, check_reads_with_sets,
 };
-use crate::client::TallyClient;
+use crate::client::{AuditRow, TallyClient};
 use crate::drain::{KafkaProgress, drain};
 use crate::history::{AttemptTally, ClientMode, FaultKind, FaultRecord, seconds};
 use crate::load::{ClientReport, ClientSetup, LoadSettings, counter_names, run_client};
@@ -25,6 +25,10 @@ use crate::redis_faults::{
     EvictionTargets, evict_redis_keys, flush_redis_during_replay, restart_redis_from_snapshot,
 };
 use crate::scenarios::{FaultAction, Scenario};
+use crate::sets::{
+    ADMIN_TOKEN, SetClientReport, SetClientSetup, SetLoad, SetTally, match_sets, read_audit_trail,
+    run_set_client,
+};
 use crate::stack::{Service, Stack};
 use crate::wide::{
     WIDE_NAME_PATTERN, WideClientSetup, WideResult, WideTally, check_wide_totals, run_wide_client,
@@ -69,6 +73,65 @@ pub struct ModeResult {
     pub read: Option<i64>,
     pub max_lag: Option<ReadLag>,
     pub violations: Vec<Violation>,
+    /// Over the mode's counters with sets: final value minus the increments applied, which is
+    /// what the sets added to the final value (so the expected range moves by it).
+    pub set_shift: i64,
+}
+
+/// The set mode's part of a scenario: its requests, the audit trail, and the counters checked
+/// against it.
+#[derive(Debug, Clone, Default)]
+pub struct SetResult {
+    pub tally: SetTally,
+    /// Audit rows matched to our requests.
+    pub applied: usize,
+    /// Every row of the trail, and the pages it took.
+    pub trail_rows: usize,
+    pub trail_pages: usize,
+    /// Counters checked with the trail (those the set client targeted), the pieces of their
+    /// logs between sets, and their reads bounded per set.
+    pub counters_checked: usize,
+    pub segments_checked: usize,
+    pub reads_across_sets: usize,
+    /// Over those counters: acknowledged increments missing from what the trail and the final
+    /// totals say was applied, and what was applied beyond every increment that may count.
+    pub increments_lost: i64,
+    pub increments_doubled: i64,
+    /// Acknowledged sets missing from the trail, and requests in it more than once.
+    pub sets_lost: usize,
+    pub sets_doubled: usize,
+    /// Rows for counters the set client never set.
+    pub violations: Vec<Violation>,
+}
+
+impl SetResult {
+    /// One line: what the set mode sent, what the trail holds, and what the checks found.
+    pub fn summary(&self) -> String {
+        let requests: Vec<String> = self
+            .tally
+            .requests
+            .iter()
+            .map(|(kind, count)| format!("{count} {kind}"))
+            .collect();
+        format!(
+            "sets ({}): {} acknowledged, {} indeterminate, {} failed; {} applied (audit trail: {} rows in {} page{}); {} counters checked ({} log segments, {} reads across sets): increments lost {}, doubled {}; sets lost {}, doubled {}",
+            requests.join(", "),
+            self.tally.acknowledged,
+            self.tally.indeterminate,
+            self.tally.failed,
+            self.applied,
+            self.trail_rows,
+            self.trail_pages,
+            if self.trail_pages == 1 { "" } else { "s" },
+            self.counters_checked,
+            self.segments_checked,
+            self.reads_across_sets,
+            self.increments_lost,
+            self.increments_doubled,
+            self.sets_lost,
+            self.sets_doubled
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +154,8 @@ pub struct ScenarioResult {
     pub memory: Option<MemoryResult>,
     /// Checks other than the counting rules that failed (the aggregator's memory bound).
     pub failures: Vec<String>,
+    /// The set mode and the audit trail.
+    pub sets: Option<SetResult>,
 }
 
 /// The aggregator's `VmRSS` peaks around the outage, and the bound they were held to.
@@ -111,6 +176,10 @@ impl ScenarioResult {
                 .wide
                 .as_ref()
                 .is_none_or(|wide| wide.check.violations.is_empty())
+            && self
+                .sets
+                .as_ref()
+                .is_none_or(|sets| sets.violations.is_empty())
     }
 }
 
@@ -131,6 +200,7 @@ pub async fn run_scenario(suite: &Suite, scenario: &Scenario) -> ScenarioResult 
         wide: None,
         memory: None,
         failures: Vec::new(),
+        sets: None,
     };
     if let Err(error) = run_and_check(suite, scenario, &mut result).await {
         result.harness_error = Some(format!("{error:#}"));
@@ -284,6 +354,17 @@ async fn run_and_check(
             })));
         }
     }
+    // The set mode: one admin client over the first counter of every mode, so each mode's rules
+    // meet sets, and its other counters keep the plain checks.
+    let set_client = tokio::spawn(run_set_client(SetClientSetup {
+        tally: tally.clone().with_admin_token(ADMIN_TOKEN),
+        counters: set_counters(suite.load.counters_per_mode),
+        load: SetLoad::SUITE,
+        clock,
+        stop: Arc::clone(&stop),
+        seed: suite.seed,
+        reason_prefix: isolation.clone(),
+    }));
     let faults_outcome = run_faults(
         suite,
         scenario,
@@ -299,6 +380,7 @@ async fn run_and_check(
     for client in clients {
         reports.push(client.await.context("a load client panicked")?);
     }
+    let set_report = set_client.await.context("the set client panicked")?;
     let mut wide_sent = scenario.wide_load.map(|load| WideTally::new(load.names));
     for client in wide_clients {
         let sent = client.await.context("a wide load client panicked")?;
@@ -357,6 +439,10 @@ async fn run_and_check(
             check: check_wide_totals(sent, &totals),
         });
     }
+    // Read through the API, while the ingest still runs, once everything is applied.
+    let (trail, trail_pages) = read_audit_trail(&tally.clone().with_admin_token(ADMIN_TOKEN))
+        .await
+        .context("reading the audit trail after the drain")?;
     processes.stop_all(&mut result.notes).await;
     pool.close().await;
     if let (Some(bound), Some(sampler)) = (scenario.aggregator_memory, memory_sampler) {
@@ -365,6 +451,12 @@ async fn run_and_check(
     }
 
     let allowances = StalenessAllowances::for_timing(&suite.timing);
+    let mut sets = SetResult {
+        tally: set_report.tally.clone(),
+        trail_rows: trail.len(),
+        trail_pages,
+        ..SetResult::default()
+    };
     for mode in ClientMode::ALL {
         result.modes.push(check_mode(
             mode,
@@ -373,9 +465,28 @@ async fn run_and_check(
             &drained.finals,
             &allowances,
             suite.load.counters_per_mode,
+            (&set_report, &trail),
+            &mut sets,
         ));
     }
+    let targets = set_counters(suite.load.counters_per_mode);
+    for row in trail.iter().filter(|row| !targets.contains(&row.counter)) {
+        sets.violations.push(Violation::SetNotRequested {
+            counter: row.counter.clone(),
+            seq: row.seq,
+            reason: row.reason.clone(),
+        });
+    }
+    result.sets = Some(sets);
     Ok(())
+}
+
+/// The counters the set mode sets: the first of every mode's.
+fn set_counters(counters_per_mode: usize) -> Vec<String> {
+    ClientMode::ALL
+        .iter()
+        .filter_map(|mode| counter_names(*mode, counters_per_mode).into_iter().next())
+        .collect()
 }
 
 /// Sets its flag when dropped, so a task it stops ends on every way out of a function.
@@ -598,6 +709,7 @@ async fn restart(stack: &Stack, service: Service, down_for: Duration) -> anyhow:
 
 /// Checks one mode's counters: every read against the bounds, every final value against the
 /// sums; and sums everything up for the report.
+#[allow(clippy::too_many_arguments)]
 fn check_mode(
     mode: ClientMode,
     reports: &[ClientReport],
@@ -605,6 +717,8 @@ fn check_mode(
     finals: &BTreeMap<String, FinalValues>,
     allowances: &StalenessAllowances,
     counters_per_mode: usize,
+    (set_report, trail): (&SetClientReport, &[AuditRow]),
+    sets: &mut SetResult,
 ) -> ModeResult {
     let reports: Vec<&ClientReport> = reports
         .iter()
@@ -621,6 +735,7 @@ fn check_mode(
         read: Some(0),
         max_lag: None,
         violations: Vec::new(),
+        set_shift: 0,
     };
     for report in &reports {
         result.attempts.merge(&report.attempts);
@@ -643,8 +758,16 @@ fn check_mode(
             .filter(|read| read.counter == counter)
             .cloned()
             .collect();
-        let read_check = check_reads(&increments, &reads, faults, allowances);
+        let has_sets = set_report.sets.iter().any(|set| set.counter == counter);
+        let matched = has_sets.then(|| match_sets(&counter, &set_report.sets, trail));
+        let read_check = match &matched {
+            Some(matched) => {
+                check_reads_with_sets(&increments, &reads, &matched.applied, faults, allowances)
+            }
+            None => check_reads(&increments, &reads, faults, allowances),
+        };
         result.violations.extend(read_check.violations);
+        sets.reads_across_sets += read_check.reads_across_sets;
         if let Some(lag) = read_check.max_lag {
             if result.max_lag.as_ref().is_none_or(|max| lag.lag > max.lag) {
                 result.max_lag = Some(lag);
@@ -668,9 +791,30 @@ fn check_mode(
             .zip(values.redis)
             .map(|(sum, value)| sum + value);
         result.read = result.read.zip(values.read).map(|(sum, value)| sum + value);
-        result
-            .violations
-            .extend(check_final(mode, &counter, &increments, &values));
+        match matched {
+            Some(matched) => {
+                let check =
+                    check_final_with_sets(mode, &counter, &increments, &matched.applied, &values);
+                result.set_shift += values.postgres - check.applied_sum;
+                sets.counters_checked += 1;
+                sets.applied += matched.applied.len();
+                sets.segments_checked += check.segments;
+                sets.increments_lost += check.lost;
+                sets.increments_doubled += check.doubled;
+                for violation in &matched.violations {
+                    match violation {
+                        Violation::AcknowledgedSetNotApplied { .. } => sets.sets_lost += 1,
+                        Violation::SetAppliedTwice { .. } => sets.sets_doubled += 1,
+                        _ => {}
+                    }
+                }
+                result.violations.extend(matched.violations);
+                result.violations.extend(check.violations);
+            }
+            None => result
+                .violations
+                .extend(check_final(mode, &counter, &increments, &values)),
+        }
     }
     result
 }
