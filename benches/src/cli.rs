@@ -28,6 +28,10 @@ pub enum ScenarioId {
     TallyReadCached,
     /// Reads of a hot counter with `?fresh=true` (skipping the cache) while it is written.
     TallyReadFresh,
+    /// `POST /v1/strict/{name}/add {"by":-1}` on one strict counter (synchronous in PostgreSQL).
+    StrictAdd,
+    /// Read-modify-write of one strict counter: `GET`, then `cas`, again on a mismatch.
+    StrictCas,
 }
 
 impl ScenarioId {
@@ -46,6 +50,8 @@ impl ScenarioId {
                 | ScenarioId::TallyBatch
                 | ScenarioId::TallyReadCached
                 | ScenarioId::TallyReadFresh
+                | ScenarioId::StrictAdd
+                | ScenarioId::StrictCas
         )
     }
 }
@@ -80,6 +86,7 @@ pub struct LoadgenArgs {
         ScenarioId::RedisIncr, ScenarioId::RedisIncrPipelined,
         ScenarioId::TallyHot, ScenarioId::TallyZipf, ScenarioId::TallyBatch,
         ScenarioId::TallyReadCached, ScenarioId::TallyReadFresh,
+        ScenarioId::StrictAdd, ScenarioId::StrictCas,
     ])]
     pub scenarios: Vec<ScenarioId>,
 
@@ -194,7 +201,7 @@ mod tests {
     #[test]
     fn defaults_are_the_smoke_run() {
         let args = LoadgenArgs::try_parse_from(["loadgen"]).unwrap();
-        assert_eq!(args.scenarios.len(), 10);
+        assert_eq!(args.scenarios.len(), 12);
         assert_eq!(args.scenarios[0], ScenarioId::PgRow);
         assert_eq!(args.duration, Duration::from_secs(5));
         assert_eq!(args.clients, 64);

@@ -75,6 +75,10 @@ fn scenario_title(args: &LoadgenArgs, scenario: ScenarioId) -> String {
         }
         ScenarioId::TallyReadCached => "Tally reads of a hot counter (cached)".to_string(),
         ScenarioId::TallyReadFresh => "Tally reads of a hot counter (?fresh=true)".to_string(),
+        ScenarioId::StrictAdd => "Strict counter add (one PostgreSQL row)".to_string(),
+        ScenarioId::StrictCas => {
+            "Strict counter read + CAS, retried on mismatch (one PostgreSQL row)".to_string()
+        }
     }
 }
 
@@ -688,6 +692,48 @@ async fn run_tally_read_scenario(
     })
 }
 
+/// One strict counter written by every client. Synchronous in PostgreSQL, so it is checked at
+/// once, like the baselines.
+async fn run_strict_scenario(
+    context: &RunContext,
+    tally: &TallyEndpoint,
+    scenario: ScenarioId,
+) -> anyhow::Result<ScenarioReport> {
+    use crate::strict::{StrictOperation, StrictScenario};
+    let operation = match scenario {
+        ScenarioId::StrictAdd => StrictOperation::Add,
+        _ => StrictOperation::CompareAndSet,
+    };
+    let name = counter_prefix(context, scenario);
+    let strict = StrictScenario::prepare(&tally.base_url, name, operation).await?;
+    let targets = (0..context.args.clients)
+        .map(|_| strict.target().map(LoadTarget::Strict))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (_targets, phases) = run_write_phases(context, scenario, targets, None).await;
+    if operation == StrictOperation::CompareAndSet {
+        let succeeded = acknowledged_in(&phases);
+        eprintln!(
+            "[{}] {} cas mismatches over all phases, {:.1} per successful cas",
+            scenario.name(),
+            strict.mismatches(),
+            strict.mismatches() as f64 / succeeded.max(1) as f64
+        );
+    }
+    let check = strict
+        .check(acknowledged_in(&phases), failed_requests_in(&phases))
+        .await?;
+    eprintln!("[{}] {check:?}", scenario.name());
+    Ok(ScenarioReport {
+        id: scenario.name(),
+        title: scenario_title(&context.args, scenario),
+        phases,
+        reads: None,
+        check,
+        postgres_statements: None,
+        warm_up: None,
+    })
+}
+
 async fn run_scenario(
     context: &RunContext,
     tally: Option<&TallyEndpoint>,
@@ -709,6 +755,9 @@ async fn run_scenario(
         }
         ScenarioId::TallyReadCached | ScenarioId::TallyReadFresh => {
             run_tally_read_scenario(context, tally()?, scenario).await
+        }
+        ScenarioId::StrictAdd | ScenarioId::StrictCas => {
+            run_strict_scenario(context, tally()?, scenario).await
         }
     }
 }

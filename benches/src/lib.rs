@@ -13,6 +13,7 @@ pub mod http1;
 pub mod report;
 pub mod schedule;
 pub mod statements;
+pub mod strict;
 pub mod svg;
 pub mod tally_server;
 pub mod targets;

@@ -200,6 +200,8 @@ pub enum LoadTarget {
         samples: Vec<ReadSample>,
         sources: BTreeMap<String, u64>,
     },
+    /// An add or a read-modify-write of one strict counter (`crate::strict`).
+    Strict(crate::strict::StrictTarget),
 }
 
 /// A deterministic per-worker random source: runs are repeatable, workers are independent.
@@ -329,6 +331,7 @@ impl LoadTarget {
                 *sources.entry(body.source).or_default() += 1;
                 Ok(0)
             }
+            LoadTarget::Strict(target) => target.perform().await,
         }
     }
 }

@@ -252,7 +252,7 @@ fn decode(message: &BorrowedMessage<'_>) -> Option<ReadRecord> {
             name,
             window_start_ms: record.window_start_ms,
             value: record.set,
-            audit: record.audit,
+            audit: record.audit.storable(),
         }),
     })
 }

@@ -32,6 +32,10 @@ impl Amount {
 
     /// Validates a JSON value exactly as the API receives it, so that `1.5`, `"3"` and
     /// `1e30` each get an error that names what was wrong.
+    ///
+    /// A number written with a fraction or exponent that is still a whole number (`5.0`, `2e3`)
+    /// is that integer: JSON Schema's `integer`, which the OpenAPI document states, counts it
+    /// as one, and every amount in range is exact in an `f64`.
     pub fn from_json(value: &serde_json::Value) -> Result<Self, AmountError> {
         let serde_json::Value::Number(number) = value else {
             return Err(AmountError::NotAnInteger(value.to_string()));
@@ -42,9 +46,15 @@ impl Amount {
         if number.as_u64().is_some() {
             return Err(AmountError::OutOfRange(number.to_string()));
         }
-        // A float: integral ones such as 1e30 are out of range, the rest are not integers.
+        // A float: a whole one is its integer (1e30 is then out of range), the rest are not
+        // integers.
         match number.as_f64() {
-            Some(float) if float.fract() == 0.0 => Err(AmountError::OutOfRange(number.to_string())),
+            Some(float) if float.fract() == 0.0 => {
+                if float.abs() > MAX_ABS_AMOUNT as f64 {
+                    return Err(AmountError::OutOfRange(number.to_string()));
+                }
+                Self::new(float as i64)
+            }
             _ => Err(AmountError::NotAnInteger(number.to_string())),
         }
     }
@@ -110,6 +120,19 @@ mod tests {
             Err(AmountError::OutOfRange(_))
         ));
         assert_eq!(Amount::from_json(&json!(0)), Err(AmountError::Zero));
+        assert_eq!(
+            Amount::from_json(&json!(-381322.0)).unwrap().get(),
+            -381_322
+        );
+        assert_eq!(
+            Amount::from_json(&json!(1e12)).unwrap().get(),
+            MAX_ABS_AMOUNT
+        );
+        assert!(matches!(
+            Amount::from_json(&json!(1e12 + 1.0)),
+            Err(AmountError::OutOfRange(_))
+        ));
+        assert_eq!(Amount::from_json(&json!(-0.0)), Err(AmountError::Zero));
     }
 
     #[test]

@@ -99,6 +99,28 @@ impl CounterRecord {
     }
 }
 
+impl SetAudit {
+    /// The audit with every NUL replaced: PostgreSQL's text cannot hold one, and a record the
+    /// commit could never write would stop its partition for good. The ingest refuses control
+    /// characters; this covers records written by anything else.
+    pub fn storable(self) -> Self {
+        let clean = |text: String| {
+            if text.contains('\0') {
+                text.replace('\0', "\u{FFFD}")
+            } else {
+                text
+            }
+        };
+        Self {
+            id: clean(self.id),
+            actor: clean(self.actor),
+            client: clean(self.client),
+            reason: clean(self.reason),
+            requested_at_ms: self.requested_at_ms,
+        }
+    }
+}
+
 impl SetRecord {
     pub fn new(window_start_ms: i64, value: i64, audit: SetAudit) -> Self {
         Self {
@@ -189,6 +211,22 @@ mod tests {
             Err(RecordError::UnknownVersion(9))
         ));
         assert!(CounterRecord::decode(br#"{"v":1,"w":0}"#).is_err());
+    }
+
+    #[test]
+    fn an_audit_is_made_storable_in_postgres() {
+        let audit = SetAudit {
+            id: "a\0".into(),
+            actor: "admin".into(),
+            client: "::1".into(),
+            reason: "x\0y".into(),
+            requested_at_ms: 1,
+        }
+        .storable();
+        assert_eq!(
+            (audit.id.as_str(), audit.reason.as_str()),
+            ("a\u{FFFD}", "x\u{FFFD}y")
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - [`kafka`], [`redis_store`], [`postgres`]: how to connect, with the settings the promises
 //!   depend on (acks=all, the idempotent producer, manual offsets, timeouts);
 //! - [`problem`]: the one mapping from errors users see to `application/problem+json`, and
-//!   [`counter_path`] for the `{name}` segment every counter route takes;
+//!   [`counter_path`] for the `{name}` segment every counter route takes, and [`openapi`] for
+//!   the rules on names, amounts and keys as the OpenAPI document states them;
 //! - [`metrics`]: the Prometheus registry rendered by `/metrics`;
 //! - [`clock`]: wall-clock milliseconds.
 //!
@@ -16,6 +17,7 @@ pub mod config;
 pub mod counter_path;
 pub mod kafka;
 pub mod metrics;
+pub mod openapi;
 pub mod postgres;
 pub mod problem;
 pub mod redis_store;

@@ -37,27 +37,41 @@ pub const AUDIT_MAX_LIMIT: i64 = 1_000;
 
 /// The body of `POST /v1/admin/counters/{name}/set`.
 #[derive(Debug, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)] // Documents the wire format; parsing goes through serde_json::Value.
 pub struct SetCounterRequest {
     /// The value the counter takes: any 64-bit signed integer.
     pub value: i64,
-    /// Why: kept in the audit trail. 1 to 500 characters, not only whitespace.
+    /// Why: kept in the audit trail. 1 to 500 characters, no control characters, not only whitespace.
+    #[schema(
+        min_length = 1,
+        max_length = 500,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     pub reason: String,
 }
 
 /// The body of `POST /v1/admin/counters/{name}/reset`.
 #[derive(Debug, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct ResetCounterRequest {
-    /// Why: kept in the audit trail. 1 to 500 characters, not only whitespace.
+    /// Why: kept in the audit trail. 1 to 500 characters, no control characters, not only whitespace.
+    #[schema(
+        min_length = 1,
+        max_length = 500,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     pub reason: String,
 }
 
 /// One counter of an import.
 #[derive(Debug, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct ImportItem {
     /// The counter's name; each name at most once per import.
+    #[schema(schema_with = tally_infra::openapi::counter_name_schema)]
     pub counter: String,
     /// The value the counter takes.
     pub value: i64,
@@ -65,11 +79,19 @@ pub struct ImportItem {
 
 /// The body of `POST /v1/admin/import`.
 #[derive(Debug, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct ImportRequest {
     /// 1 to 10,000 counters, each name at most once.
+    #[schema(min_items = 1, max_items = 10_000)]
     pub counters: Vec<ImportItem>,
-    /// Why: kept in the audit trail of every counter. Defaults to `import`.
+    /// Why: kept in the audit trail of every counter. Defaults to `import`; `null` is refused.
+    #[schema(
+        nullable = false,
+        min_length = 1,
+        max_length = 500,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     pub reason: Option<String>,
 }
 
@@ -123,6 +145,11 @@ pub struct AuditPage {
 #[into_params(parameter_in = Query)]
 pub struct AuditQuery {
     /// Only this counter's sets.
+    #[param(
+        min_length = 1,
+        max_length = 256,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]{1,256}$"
+    )]
     pub counter: Option<String>,
     /// Entries per page, 1 to 1000; 100 by default.
     #[param(minimum = 1, maximum = 1000)]
@@ -136,7 +163,7 @@ pub struct AuditQuery {
 #[utoipa::path(
     post,
     path = "/v1/admin/counters/{name}/set",
-    params(("name" = String, Path, description = "Counter name, percent-encoded")),
+    params(("name" = inline(tally_infra::openapi::CounterNameSchema), Path, description = "Counter name, percent-encoded")),
     request_body(content = SetCounterRequest, content_type = "application/json"),
     responses(
         (status = 202, description = "Kafka acknowledged the set", body = SetAccepted),
@@ -170,7 +197,7 @@ pub async fn set_counter(
 #[utoipa::path(
     post,
     path = "/v1/admin/counters/{name}/reset",
-    params(("name" = String, Path, description = "Counter name, percent-encoded")),
+    params(("name" = inline(tally_infra::openapi::CounterNameSchema), Path, description = "Counter name, percent-encoded")),
     request_body(content = ResetCounterRequest, content_type = "application/json"),
     responses(
         (status = 202, description = "Kafka acknowledged the reset", body = SetAccepted),
@@ -235,6 +262,7 @@ async fn set_one(
         (status = 403, description = "Admin routes are disabled", content_type = "application/problem+json"),
         (status = 413, description = "Body too large", content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", content_type = "application/problem+json"),
+        (status = 422, description = "A counter appears more than once; the items are listed by index in `errors`", content_type = "application/problem+json"),
         (status = 503, description = "Kafka did not acknowledge every set in time; they are indeterminate (an import can be sent again)", content_type = "application/problem+json"),
     ),
     security(("admin_token" = [])),
@@ -265,15 +293,10 @@ pub async fn import(
         )));
     }
     let mut sets = Vec::with_capacity(items.len());
-    let mut seen = HashSet::with_capacity(items.len());
     let mut errors = Vec::new();
     for (index, item) in items.iter().enumerate() {
         match import_item(item) {
-            Ok((name, value)) if seen.insert(name.as_str().to_owned()) => sets.push((name, value)),
-            Ok((name, _)) => errors.push(json!({
-                "index": index,
-                "detail": format!("counter `{}` appears more than once; an import sets each counter once", name.as_str()),
-            })),
+            Ok(set) => sets.push(set),
             Err(detail) => errors.push(json!({"index": index, "detail": detail})),
         }
     }
@@ -284,6 +307,31 @@ pub async fn import(
             items.len()
         ))
         .with_extension("errors", Value::Array(errors)));
+    }
+    // Well formed, but which of two values should a counter take? The request must say.
+    let mut seen = HashSet::with_capacity(sets.len());
+    let repeated: Vec<Value> = sets
+        .iter()
+        .enumerate()
+        .filter(|(_, (name, _))| !seen.insert(name.as_str()))
+        .map(|(index, (name, _))| {
+            json!({
+                "index": index,
+                "detail": format!("counter `{}` appears more than once; an import sets each counter once", name.as_str()),
+            })
+        })
+        .collect();
+    if !repeated.is_empty() {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "repeated-counter",
+            "A counter appears more than once",
+            format!(
+                "{} items repeat a counter named earlier in the import; nothing was set",
+                repeated.len()
+            ),
+        )
+        .with_extension("errors", Value::Array(repeated)));
     }
     let request = set_request(reason, &extensions);
     let audit_ids = service
@@ -444,7 +492,7 @@ fn required_value(object: &Map<String, Value>, member: &str) -> Result<i64, Prob
 fn integer(value: Option<&Value>, member: &str) -> Result<i64, Problem> {
     match value {
         None => Err(invalid_value(format!("`{member}` is required"))),
-        Some(Value::Number(number)) => number.as_i64().ok_or_else(|| {
+        Some(Value::Number(number)) => whole_number(number).ok_or_else(|| {
             invalid_value(format!(
                 "`{member}` is {number}; it must be an integer from {} to {}",
                 i64::MIN,
@@ -458,6 +506,18 @@ fn integer(value: Option<&Value>, member: &str) -> Result<i64, Problem> {
     }
 }
 
+/// The integer a JSON number stands for: `10406.0` and `1e3` are whole numbers too, as JSON
+/// Schema's `integer` says.
+fn whole_number(number: &serde_json::Number) -> Option<i64> {
+    if let Some(integer) = number.as_i64() {
+        return Some(integer);
+    }
+    let float = number.as_f64()?;
+    // 2^63 is the first float past i64::MAX; every float below it in size is exact in an i64.
+    (float.fract() == 0.0 && float >= -(2f64.powi(63)) && float < 2f64.powi(63))
+        .then_some(float as i64)
+}
+
 fn invalid_value(detail: String) -> Problem {
     Problem::new(
         StatusCode::BAD_REQUEST,
@@ -467,7 +527,7 @@ fn invalid_value(detail: String) -> Problem {
     )
 }
 
-/// The reason, when present: a string of 1 to 500 characters, not only whitespace.
+/// The reason, when present: a string of 1 to 500 characters, no control characters, not only whitespace.
 fn reason(object: &Map<String, Value>) -> Result<Option<String>, Problem> {
     let invalid = |detail: String| {
         Problem::new(
@@ -481,6 +541,13 @@ fn reason(object: &Map<String, Value>) -> Result<Option<String>, Problem> {
         None => Ok(None),
         Some(Value::String(reason)) => {
             let chars = reason.chars().count();
+            // PostgreSQL's text cannot hold NUL, and the trail is read by people: a reason is
+            // one line of printable text.
+            if reason.chars().any(char::is_control) {
+                return Err(invalid(
+                    "`reason` has control characters; send one line of printable text".to_owned(),
+                ));
+            }
             if reason.trim().is_empty() {
                 return Err(invalid("`reason` is empty; say why".to_owned()));
             }

@@ -45,28 +45,39 @@ pub struct BatchAccepted {
 
 /// The optional body of `POST /v1/counters/{name}/increment`.
 #[derive(Debug, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)] // Documents the wire format; parsing goes through serde_json::Value.
 pub struct IncrementRequest {
-    /// A nonzero integer with |by| <= 10^12. Defaults to 1.
+    /// A nonzero integer with |by| <= 10^12. Defaults to 1; `null` is refused.
+    #[schema(schema_with = tally_infra::openapi::amount_schema)]
     pub by: Option<i64>,
 }
 
 /// One item of a batch.
 #[derive(Debug, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct BatchItem {
-    /// The counter's name: 1 to 256 bytes of UTF-8, no control characters.
+    /// The counter's name: 1 to 256 characters, no control characters.
+    #[schema(schema_with = tally_infra::openapi::counter_name_schema)]
     pub counter: String,
-    /// A nonzero integer with |by| <= 10^12. Defaults to 1.
+    /// A nonzero integer with |by| <= 10^12. Defaults to 1; `null` is refused.
+    #[schema(schema_with = tally_infra::openapi::amount_schema)]
     pub by: Option<i64>,
-    /// Up to 128 printable ASCII characters.
+    /// 1 to 128 printable ASCII characters; `null` is the same as leaving it out.
+    #[schema(schema_with = tally_infra::openapi::nullable_idempotency_key_schema)]
     pub idempotency_key: Option<String>,
 }
 
 /// The body of `POST /v1/increments`.
 #[derive(Debug, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct BatchRequest {
+    /// 1 to 10,000 increments (`TALLY_BATCH_MAX_ITEMS`), in at most 1 MiB of JSON
+    /// (`TALLY_BODY_MAX_BYTES`). The same counter may appear more than once; items that share
+    /// an idempotency key must repeat its counter and amount.
+    #[schema(min_items = 1, max_items = 10_000)]
     pub increments: Vec<BatchItem>,
 }
 
@@ -75,19 +86,30 @@ pub struct BatchRequest {
     post,
     path = "/v1/counters/{name}/increment",
     params(
-        ("name" = String, Path, description = "Counter name, percent-encoded"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Up to 128 printable ASCII characters"),
+        ("name" = inline(tally_infra::openapi::CounterNameSchema), Path, description = "Counter name, percent-encoded"),
+        ("Idempotency-Key" = Option<tally_infra::openapi::IdempotencyKeyHeaderSchema>, Header, description = "Makes retries count once for 24 hours: 1 to 128 printable ASCII characters"),
     ),
-    request_body(content = Option<IncrementRequest>, content_type = "application/json"),
+    request_body(
+        content = inline(IncrementRequest),
+        content_type = "application/json",
+        description = "Optional: an empty body adds 1. A body must be a JSON object sent as `application/json`.",
+    ),
     responses(
         (status = 202, description = "Kafka acknowledged the increment", body = IncrementAccepted),
         (status = 400, description = "Bad name, amount, key or JSON", content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON", content_type = "application/problem+json"),
-        (status = 409, description = "Another request with the same idempotency key is in flight; retry after `Retry-After`", content_type = "application/problem+json"),
+        (status = 401, description = "API keys are configured (`TALLY_API_KEYS`) and none, or a wrong one, was sent", content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 409, description = "Another request with the same idempotency key is in flight; nothing was counted, retry after `Retry-After`", content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 413, description = "Body over 1 MiB (`TALLY_BODY_MAX_BYTES`)", content_type = "application/problem+json"),
+        (status = 415, description = "A body not sent as `application/json`", content_type = "application/problem+json"),
         (status = 422, description = "The idempotency key was first used with another counter or amount", content_type = "application/problem+json"),
-        (status = 503, description = "Kafka did not acknowledge in time; the increment is indeterminate", content_type = "application/problem+json"),
+        (status = 429, description = "This client is over its write rate limit; nothing was counted", content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "Kafka did not acknowledge in time; the increment is indeterminate", content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
     ),
+    security(("api_key" = []), ()),
     tag = "increments"
 )]
 #[instrument(skip_all, fields(counter.name))]
@@ -144,13 +166,20 @@ pub async fn increment_one(
     request_body(content = BatchRequest, content_type = "application/json"),
     responses(
         (status = 202, description = "Kafka acknowledged every increment", body = BatchAccepted),
-        (status = 400, description = "Malformed batch, or bad items listed by index", content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON", content_type = "application/problem+json"),
-        (status = 409, description = "A request with one of the idempotency keys is in flight; nothing was counted, retry after `Retry-After`", content_type = "application/problem+json"),
+        (status = 400, description = "Malformed batch, too many items, or bad items listed by index in `errors`", content_type = "application/problem+json"),
+        (status = 401, description = "API keys are configured (`TALLY_API_KEYS`) and none, or a wrong one, was sent", content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 409, description = "A request with one of the idempotency keys is in flight; nothing was counted, retry after `Retry-After`", content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 413, description = "Body over 1 MiB (`TALLY_BODY_MAX_BYTES`)", content_type = "application/problem+json"),
+        (status = 415, description = "Body not sent as `application/json`", content_type = "application/problem+json"),
         (status = 422, description = "An idempotency key was first used with another counter or amount", content_type = "application/problem+json"),
-        (status = 503, description = "Kafka did not acknowledge in time; the batch's increments are indeterminate", content_type = "application/problem+json"),
+        (status = 429, description = "This client is over its write rate limit; nothing was counted", content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "Kafka did not acknowledge in time; the batch's increments are indeterminate", content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
     ),
+    security(("api_key" = []), ()),
     tag = "increments"
 )]
 #[instrument(skip_all, fields(batch.size))]

@@ -25,13 +25,14 @@ pub struct CounterValues {
     get,
     path = "/v1/counters/{name}",
     params(
-        ("name" = String, Path, description = "Counter name, percent-encoded"),
-        ("fresh" = Option<bool>, Query, description = "Skip the in-process cache"),
+        ("name" = inline(tally_infra::openapi::CounterNameSchema), Path, description = "Counter name, percent-encoded"),
+        ("fresh" = Option<bool>, Query, description = "`true` skips the in-process cache; `false` (the default) allows it. No other value, and no other parameter, is accepted"),
     ),
     responses(
         (status = 200, description = "The counter's value", body = CounterValue),
         (status = 400, description = "Bad name or query", content_type = "application/problem+json"),
-        (status = 503, description = "Neither Redis nor PostgreSQL answered", content_type = "application/problem+json"),
+        (status = 503, description = "Neither Redis nor PostgreSQL answered", content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
     ),
     tag = "counters"
 )]
@@ -58,13 +59,16 @@ pub async fn read_one(
     get,
     path = "/v1/counters",
     params(
-        ("name" = Vec<String>, Query, description = "Counter names; repeat the parameter"),
-        ("fresh" = Option<bool>, Query, description = "Skip the in-process cache"),
+        ("name" = Vec<tally_infra::openapi::CounterNameSchema>, Query, style = Form, explode, min_items = 1, max_items = 1000,
+            description = "Counter names, 1 to 1,000 (`TALLY_READ_MAX_NAMES`): repeat the parameter (`name=a&name=b`). Form-encoded: a `+` is a space, so send a `+` as `%2B`. A name may repeat"),
+        ("fresh" = Option<bool>, Query, description = "`true` skips the in-process cache; `false` (the default) allows it. No other value, and no other parameter, is accepted"),
     ),
     responses(
         (status = 200, description = "The counters' values, in the order asked", body = CounterValues),
-        (status = 400, description = "No names, too many, or a bad name", content_type = "application/problem+json"),
-        (status = 503, description = "Neither Redis nor PostgreSQL answered", content_type = "application/problem+json"),
+        (status = 400, description = "No names, too many, a bad name, or a bad query", content_type = "application/problem+json"),
+        (status = 414, description = "The URI is longer than the HTTP server takes (64 KiB): ask for fewer names per request. Sent by the HTTP layer, with an empty body"),
+        (status = 503, description = "Neither Redis nor PostgreSQL answered", content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
     ),
     tag = "counters"
 )]
@@ -123,9 +127,11 @@ fn parse_query(query: &str, names_allowed: bool) -> Result<ReadQuery, Problem> {
                 parsed.names.push(name);
             }
             "fresh" => {
+                // Only what the document calls a boolean: a client that sends `1` or `yes`
+                // learns at once that it is not understood.
                 parsed.fresh = match value {
-                    "true" | "1" => true,
-                    "false" | "0" | "" => false,
+                    "true" => true,
+                    "false" => false,
                     other => {
                         return Err(invalid_query(format!(
                             "`fresh` must be true or false, got `{other}`"
@@ -195,6 +201,13 @@ mod tests {
             parse_query("fresh=maybe", true).unwrap_err().slug,
             "invalid-query"
         );
+        for fresh in ["fresh=", "fresh", "fresh=1", "fresh=0", "fresh=TRUE"] {
+            assert_eq!(
+                parse_query(fresh, true).unwrap_err().slug,
+                "invalid-query",
+                "{fresh}"
+            );
+        }
         assert_eq!(
             parse_query("nam=a", true).unwrap_err().slug,
             "invalid-query"

@@ -25,8 +25,47 @@ pub struct Dependencies {
     pub kafka: Arc<BaseProducer>,
 }
 
+/// The body of `/healthz`.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Documents the wire format; the handler builds it with json!.
+pub struct Liveness {
+    /// Always `up`.
+    #[schema(pattern = "^up$")]
+    pub status: String,
+}
+
+/// The body of `/readyz` when every store answers.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // Documents the wire format; the handler builds it with json!.
+pub struct Readiness {
+    /// Always `ready`.
+    #[schema(pattern = "^ready$")]
+    pub status: String,
+    /// `ok` for each of `redis`, `kafka` and `postgres`.
+    pub checks: HashMap<String, String>,
+    /// Whether Redis may evict Tally's keys.
+    pub redis_eviction: RedisEvictionLabel,
+    /// Settings that cost freshness without stopping Tally.
+    pub warnings: Vec<String>,
+}
+
+/// [`RedisEviction::label`].
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // Documents the wire format.
+pub enum RedisEvictionLabel {
+    Off,
+    On,
+    Unknown,
+}
+
 /// Answers 200 whenever the process can answer at all.
-#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process is up")), tag = "operations")]
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    responses((status = 200, description = "The process is up", body = Liveness)),
+    tag = "operations"
+)]
 pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "up" }))
 }
@@ -36,8 +75,9 @@ pub async fn healthz() -> Json<Value> {
     get,
     path = "/readyz",
     responses(
-        (status = 200, description = "Every store is reachable. `warnings` lists settings that cost freshness, such as a Redis that may evict Tally's keys; `redis_eviction` is `off`, `on` or `unknown`"),
-        (status = 503, description = "Some store is unreachable; `unavailable` names them", content_type = "application/problem+json"),
+        (status = 200, description = "Every store is reachable. `warnings` lists settings that cost freshness, such as a Redis that may evict Tally's keys; `redis_eviction` is `off`, `on` or `unknown`", body = Readiness),
+        (status = 503, description = "Some store is unreachable; `unavailable` names them", content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
     ),
     tag = "operations"
 )]

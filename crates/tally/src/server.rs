@@ -13,6 +13,7 @@ use tally_aggregator::Aggregator;
 use tally_infra::Problem;
 use tally_ingest::IngestService;
 use tally_read::ReadService;
+use tally_strict::StrictService;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -69,6 +70,15 @@ impl App {
                 axum::middleware::from_fn_with_state(Arc::clone(&write_guard), guard::guard_writes),
             );
             router = router.merge(writes);
+            // Strict counters are written synchronously in PostgreSQL, behind the same guard.
+            let strict = Arc::new(StrictService::new(pool.clone(), &args.pipeline));
+            tokio::spawn(Arc::clone(&strict).prune_expired_keys_periodically(cancel.clone()));
+            let strict_writes = tally_strict::write_router(Arc::clone(&strict)).route_layer(
+                axum::middleware::from_fn_with_state(Arc::clone(&write_guard), guard::guard_writes),
+            );
+            router = router
+                .merge(strict_writes)
+                .merge(tally_strict::read_router(strict));
         }
         if args.runs(Role::Read) {
             let service = ReadService::new(
@@ -221,19 +231,16 @@ async fn forget_idle_clients(
 /// The admin routes, behind the admin token: the process's status, and where the ingest role
 /// runs, the audited set, reset and import of plain counters and their audit trail.
 fn admin_router(args: &ServeArgs, ingest: Option<Arc<IngestService>>) -> Router {
-    let status = serde_json::json!({
-        "roles": args.roles,
-        "kafka_topic": args.store.kafka_topic,
-        "aggregator_group": args.aggregator.aggregator_group,
-        "window_ms": args.pipeline.window_ms,
-        "produce_timeout_ms": args.pipeline.produce_timeout_ms,
-        "version": env!("CARGO_PKG_VERSION"),
+    let status = Arc::new(ProcessStatus {
+        roles: args.roles.clone(),
+        kafka_topic: args.store.kafka_topic.clone(),
+        aggregator_group: args.aggregator.aggregator_group.clone(),
+        window_ms: args.pipeline.window_ms,
+        produce_timeout_ms: args.pipeline.produce_timeout_ms,
+        version: env!("CARGO_PKG_VERSION"),
     });
     let admin_token: Option<Arc<str>> = args.security.admin_token.as_deref().map(Arc::from);
-    let mut router = Router::new().route(
-        "/v1/admin/status",
-        get(move || async move { axum::Json(status) }),
-    );
+    let mut router = Router::new().route("/v1/admin/status", get(admin_status).with_state(status));
     if let Some(ingest) = ingest {
         router = router.merge(tally_ingest::admin_router(ingest));
     }
@@ -241,6 +248,37 @@ fn admin_router(args: &ServeArgs, ingest: Option<Arc<IngestService>>) -> Router 
         admin_token,
         guard::guard_admin,
     ))
+}
+
+/// What `GET /v1/admin/status` says about this process.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ProcessStatus {
+    /// The roles this process runs: `ingest`, `read`, `aggregator`.
+    #[schema(value_type = Vec<String>)]
+    roles: Vec<Role>,
+    kafka_topic: String,
+    aggregator_group: String,
+    window_ms: u64,
+    produce_timeout_ms: u64,
+    version: &'static str,
+}
+
+/// The roles and pipeline settings of this process.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/status",
+    responses(
+        (status = 200, description = "This process's roles and settings", body = ProcessStatus),
+        (status = 401, description = "Missing or wrong admin token", content_type = "application/problem+json"),
+        (status = 403, description = "Admin routes are disabled", content_type = "application/problem+json"),
+    ),
+    security(("admin_token" = [])),
+    tag = "admin"
+)]
+pub async fn admin_status(
+    axum::extract::State(status): axum::extract::State<Arc<ProcessStatus>>,
+) -> axum::Json<Arc<ProcessStatus>> {
+    axum::Json(status)
 }
 
 async fn empty_name() -> Problem {

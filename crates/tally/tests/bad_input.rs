@@ -79,7 +79,7 @@ fn cases() -> Vec<Case> {
             "",
             400,
             "invalid-counter-name",
-            "257 bytes",
+            "257 characters",
         ),
         post(
             "control character in name",

@@ -243,7 +243,6 @@ async fn an_import_sets_many_counters_at_once_and_bad_ones_set_nothing() {
         "/v1/admin/import",
         json!({"counters": [
             {"counter": "imported-a", "value": 1},
-            {"counter": "imported-a", "value": 2},
             {"counter": "", "value": 3},
             {"counter": "imported-d", "value": 1.5},
         ]}),
@@ -256,7 +255,21 @@ async fn an_import_sets_many_counters_at_once_and_bad_ones_set_nothing() {
         .iter()
         .map(|error| error["index"].as_i64().unwrap())
         .collect();
-    assert_eq!(indexes, vec![1, 2, 3], "{body}");
+    assert_eq!(indexes, vec![1, 2], "{body}");
+    // A counter named twice is well formed but ambiguous.
+    let (status, body) = admin_post(
+        &app,
+        "/v1/admin/import",
+        json!({"counters": [
+            {"counter": "imported-a", "value": 1},
+            {"counter": "imported-e", "value": 2.0},
+            {"counter": "imported-a", "value": 2},
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["type"], "/problems/repeated-counter");
+    assert_eq!(body["errors"][0]["index"], 2, "{body}");
     assert_eq!(app.postgres_total("imported-a").await, Some(1_000));
     app.stop().await;
 }
@@ -281,6 +294,12 @@ async fn set_routes_refuse_bad_input_and_missing_tokens_with_problems() {
             json!({"value": 1, "reason": "x".repeat(501)}),
             "invalid-reason",
         ),
+        (json!({"value": 1, "reason": "a\0b"}), "invalid-reason"),
+        (
+            json!({"value": 1, "reason": "two\nlines"}),
+            "invalid-reason",
+        ),
+        (json!({"value": 1.5, "reason": "x"}), "invalid-value"),
     ];
     for (body, problem) in cases {
         let (status, answer) = admin_post(&app, "/v1/admin/counters/c/set", body.clone()).await;
