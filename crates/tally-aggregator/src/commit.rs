@@ -36,7 +36,8 @@ pub(crate) struct CommittedWindow {
 ///
 /// A counter with a set takes the set's value plus the commit's sums as its total, and the set's
 /// window takes `value - old total` on top of its sum, so the counter's windows still add up to
-/// its total. The old total is the total before the statement (its snapshot does not see the
+/// its total (unless the jump passes the `bigint` range and the window's sum is clamped). A set
+/// whose audit id was applied before is a retry, and changes nothing. The old total is the total before the statement (its snapshot does not see the
 /// statement's own writes): the pending window only takes a set into a commit that holds
 /// nothing read before it for that counter, so that is everything before the set, and it is
 /// also the audit row's old value.
@@ -76,6 +77,8 @@ sets AS (
          AS s(name, window_start_ms, value, audit_id, actor, client, reason, requested_ms)
     LEFT JOIN counters c ON c.name = s.name
 ),
+-- A set is applied once per audit id: a retry of a set (the same Idempotency-Key, counter and
+-- value) lands as a record of its own, and only the first is applied.
 audits AS (
     INSERT INTO counter_audit (audit_id, counter, actor, client, reason, requested_at,
                                old_value, new_value)
@@ -83,18 +86,21 @@ audits AS (
            old_value, value
     FROM sets
     ON CONFLICT (audit_id) DO NOTHING
+    RETURNING audit_id
+),
+applied_sets AS (
+    SELECT s.* FROM sets s JOIN audits a ON a.audit_id = s.audit_id
 ),
 input AS (
     SELECT r.name, to_timestamp(r.window_start_ms / 1000.0) AS window_start,
            r.delta - coalesce(a.by, 0) AS delta,
            coalesce(s.value::numeric - s.old_value, 0) AS set_adjustment,
-           s.value AS set_value,
            r.positive, r.negative, r.kafka_partition
     FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::int[])
          AS r(name, window_start_ms, delta, positive, negative, kafka_partition)
     LEFT JOIN applied_before a
            ON a.name = r.name AND a.window_start_ms = r.window_start_ms
-    LEFT JOIN sets s ON s.name = r.name AND s.window_start_ms = r.window_start_ms
+    LEFT JOIN applied_sets s ON s.name = r.name AND s.window_start_ms = r.window_start_ms
 ),
 windows AS (
     INSERT INTO counter_windows AS w (name, window_start, sum, positive, negative)
@@ -115,15 +121,17 @@ windows AS (
 totals AS (
     INSERT INTO counters AS c (name, total, version, kafka_partition, last_window_start,
                                generation)
-    SELECT name,
-           LEAST(GREATEST(coalesce(max(set_value), 0) + sum(delta), -9223372036854775808),
+    SELECT i.name,
+           LEAST(GREATEST(coalesce(max(s.value), 0) + sum(i.delta), -9223372036854775808),
                  9223372036854775807)::bigint,
-           1, min(kafka_partition), max(window_start), $11
-    FROM input
-    GROUP BY name
+           1, min(i.kafka_partition), max(i.window_start), $11
+    FROM input i
+    LEFT JOIN applied_sets s ON s.name = i.name
+    GROUP BY i.name
     ON CONFLICT (name) DO UPDATE
         SET total = CASE
-                WHEN EXISTS (SELECT 1 FROM sets s WHERE s.name = c.name) THEN excluded.total
+                WHEN EXISTS (SELECT 1 FROM applied_sets s WHERE s.name = c.name)
+                    THEN excluded.total
                 ELSE LEAST(GREATEST(c.total::numeric + excluded.total, -9223372036854775808),
                            9223372036854775807)::bigint
             END,

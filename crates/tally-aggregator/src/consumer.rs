@@ -35,6 +35,7 @@ pub(crate) struct Shared {
     pub(crate) pool: PgPool,
     pub(crate) redis: ConnectionManager,
     pub(crate) mirror: Mirror,
+    pub(crate) pending_sets: tally_mirror::PendingSets,
     pub(crate) group: String,
     pub(crate) topic: String,
     pub(crate) window: WindowSpec,
@@ -233,7 +234,7 @@ fn add_message(shared: &Shared, message: &BorrowedMessage<'_>) -> Added {
         warn!(
             kafka.partition = message.partition(),
             kafka.offset = message.offset(),
-            "skipping a record that is not an increment"
+            "skipping a record that is neither an increment nor a set"
         );
     }
     lock(&shared.pending).add(message.partition(), message.offset(), append_ms, record)
@@ -337,9 +338,11 @@ fn flush(consumer: &BaseConsumer<AggregatorContext>, shared: &Shared, partition_
             warn!(counter.name = %counter.name, counter.value = counter.total, "a counter reached the i64 limit and is clamped there");
         }
     }
+    let sets: Vec<&str> = rows.sets.iter().map(|set| set.name.as_str()).collect();
     shared.runtime.block_on(update_mirror(
         shared,
         &committed.counters,
+        &sets,
         rows.generation,
         partition_count,
     ));
@@ -452,6 +455,7 @@ fn reseek_from_postgres(consumer: &BaseConsumer<AggregatorContext>, shared: &Sha
 async fn update_mirror(
     shared: &Shared,
     counters: &[CommittedCounter],
+    sets: &[&str],
     generation: i64,
     partition_count: usize,
 ) {
@@ -525,6 +529,11 @@ async fn update_mirror(
     }
     if !report.complete() {
         return;
+    }
+    // Every bucket that holds data has the commit's sets now: readers may trust their counters
+    // again. (Marks left behind by a failure here only last until their windows close.)
+    if let Err(error) = shared.pending_sets.unmark(&mut redis, sets).await {
+        warn!(%error, "failed to unmark applied sets in redis; their counters read from postgres until their windows close");
     }
     // Mirrored means every bucket that holds data took the commit; a bucket left for the
     // replay is being rebuilt from some snapshot, so the record waits until none is left. The

@@ -34,7 +34,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tally_infra::config::{AggregatorConfig, PipelineConfig, StoreConfig};
-use tally_mirror::{KeySpace, Mirror};
+use tally_mirror::{KeySpace, Mirror, PendingSets};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -67,6 +67,7 @@ impl Aggregator {
                 pipeline.window_spec(),
                 pipeline.delta_ttl_ms(),
             ),
+            pending_sets: PendingSets::new(KeySpace::new(store.redis_prefix.clone())),
             group: config.aggregator_group.clone(),
             topic: store.kafka_topic.clone(),
             window: pipeline.window_spec(),

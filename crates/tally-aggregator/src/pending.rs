@@ -370,6 +370,13 @@ impl PendingWindow {
                     audit: set.audit.clone(),
                 });
             }
+            debug_assert!(
+                counter.set.as_ref().is_none_or(|set| counter
+                    .windows
+                    .iter()
+                    .any(|(start, _)| *start == set.window_start_ms)),
+                "a set's window has a row in the commit"
+            );
             let mut windows: Vec<&(i64, WindowSum)> = counter.windows.iter().collect();
             windows.sort_by_key(|(start, _)| *start);
             for (window_start_ms, window_sum) in windows {

@@ -74,28 +74,39 @@ pub enum CounterRecord {
 }
 
 impl CounterRecord {
+    /// Decodes either kind in one pass: only a set has a `set` member.
     pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
-        // Only a set has a `set` member; both kinds share the version field.
         #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Either {
-            Set(SetRecord),
-            Increment(IncrementRecord),
+        struct Wire {
+            v: u8,
+            w: i64,
+            by: Option<i64>,
+            n: Option<u32>,
+            #[serde(default)]
+            keys: Vec<KeyedIncrement>,
+            set: Option<i64>,
+            audit: Option<SetAudit>,
         }
-        let record = match serde_json::from_slice::<Either>(bytes) {
-            Ok(Either::Set(set)) => Self::Set(set),
-            Ok(Either::Increment(increment)) => Self::Increment(increment),
-            // Say what is wrong with it as an increment, the common kind.
-            Err(_) => Self::Increment(serde_json::from_slice(bytes)?),
-        };
-        let version = match &record {
-            Self::Increment(increment) => increment.format_version,
-            Self::Set(set) => set.format_version,
-        };
-        if version != FORMAT_VERSION {
-            return Err(RecordError::UnknownVersion(version));
+        let wire: Wire = serde_json::from_slice(bytes)?;
+        if wire.v != FORMAT_VERSION {
+            return Err(RecordError::UnknownVersion(wire.v));
         }
-        Ok(record)
+        match (wire.set, wire.audit, wire.by, wire.n) {
+            (Some(value), Some(audit), None, None) => Ok(Self::Set(SetRecord {
+                format_version: wire.v,
+                window_start_ms: wire.w,
+                set: value,
+                audit,
+            })),
+            (None, None, Some(by), Some(increments)) => Ok(Self::Increment(IncrementRecord {
+                format_version: wire.v,
+                window_start_ms: wire.w,
+                by,
+                increments,
+                keyed: wire.keys,
+            })),
+            _ => Err(RecordError::NeitherKind),
+        }
     }
 }
 
@@ -138,8 +149,10 @@ impl SetRecord {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("the record value is not a valid increment record: {0}")]
+    #[error("the record value is not a valid record: {0}")]
     Malformed(#[from] serde_json::Error),
+    #[error("the record is neither an increment (`by` and `n`) nor a set (`set` and `audit`)")]
+    NeitherKind,
     #[error("the record has format version {0}, which this build does not know")]
     UnknownVersion(u8),
 }
@@ -160,11 +173,10 @@ impl IncrementRecord {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
-        let record: Self = serde_json::from_slice(bytes)?;
-        if record.format_version != FORMAT_VERSION {
-            return Err(RecordError::UnknownVersion(record.format_version));
+        match CounterRecord::decode(bytes)? {
+            CounterRecord::Increment(record) => Ok(record),
+            CounterRecord::Set(_) => Err(RecordError::NeitherKind),
         }
-        Ok(record)
     }
 }
 
@@ -210,7 +222,14 @@ mod tests {
             CounterRecord::decode(br#"{"v":9,"w":0,"by":1,"n":1}"#),
             Err(RecordError::UnknownVersion(9))
         ));
-        assert!(CounterRecord::decode(br#"{"v":1,"w":0}"#).is_err());
+        assert!(matches!(
+            CounterRecord::decode(br#"{"v":1,"w":0}"#),
+            Err(RecordError::NeitherKind)
+        ));
+        assert!(matches!(
+            CounterRecord::decode(br#"{"v":1,"w":0,"by":1,"n":1,"set":3}"#),
+            Err(RecordError::NeitherKind)
+        ));
     }
 
     #[test]

@@ -15,14 +15,15 @@ use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{Extensions, HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use tally_core::CounterName;
+use tally_core::{CounterName, IdempotencyKey};
 use tally_infra::Problem;
 use tally_infra::counter_path::{counter_name_from_path, invalid_counter_name};
 
+use crate::routes::IDEMPOTENCY_KEY_HEADER;
 use crate::routes::{
     body_rejection, ingest_problem, invalid_body, json_kind, json_object, reject_unknown_members,
 };
-use crate::service::{IngestError, IngestService, SetRequest};
+use crate::service::{IngestError, IngestService, SetError, SetRequest};
 
 /// The identity the admin token stands for: Tally has one admin token.
 pub const ADMIN_ACTOR: &str = "admin";
@@ -163,7 +164,10 @@ pub struct AuditQuery {
 #[utoipa::path(
     post,
     path = "/v1/admin/counters/{name}/set",
-    params(("name" = inline(tally_infra::openapi::CounterNameSchema), Path, description = "Counter name, percent-encoded")),
+    params(
+        ("name" = inline(tally_infra::openapi::CounterNameSchema), Path, description = "Counter name, percent-encoded"),
+        ("Idempotency-Key" = Option<tally_infra::openapi::IdempotencyKeyHeaderSchema>, Header, description = "Makes a retry of the same set (same counter and value) apply once: 1 to 128 printable ASCII characters"),
+    ),
     request_body(content = SetCounterRequest, content_type = "application/json"),
     responses(
         (status = 202, description = "Kafka acknowledged the set", body = SetAccepted),
@@ -172,7 +176,7 @@ pub struct AuditQuery {
         (status = 403, description = "Admin routes are disabled", content_type = "application/problem+json"),
         (status = 413, description = "Body too large", content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", content_type = "application/problem+json"),
-        (status = 503, description = "Kafka did not acknowledge in time; the set is indeterminate", content_type = "application/problem+json"),
+        (status = 503, description = "Redis could not mark the set (nothing was set), or Kafka did not acknowledge in time (the set is indeterminate: retry with the same Idempotency-Key)", content_type = "application/problem+json"),
     ),
     security(("admin_token" = [])),
     tag = "admin"
@@ -190,14 +194,18 @@ pub async fn set_counter(
     reject_unknown_members(&object, &["value", "reason"])?;
     let value = required_value(&object, "value")?;
     let reason = reason(&object)?.ok_or_else(|| invalid_body("`reason` is required"))?;
-    set_one(&service, name, value, reason, &extensions).await
+    let request = set_request(reason, &headers, &extensions)?;
+    set_one(&service, name, value, &request).await
 }
 
 /// Sets a plain counter to 0, ordered with its increments, and audits it.
 #[utoipa::path(
     post,
     path = "/v1/admin/counters/{name}/reset",
-    params(("name" = inline(tally_infra::openapi::CounterNameSchema), Path, description = "Counter name, percent-encoded")),
+    params(
+        ("name" = inline(tally_infra::openapi::CounterNameSchema), Path, description = "Counter name, percent-encoded"),
+        ("Idempotency-Key" = Option<tally_infra::openapi::IdempotencyKeyHeaderSchema>, Header, description = "Makes a retry of the same set (same counter and value) apply once: 1 to 128 printable ASCII characters"),
+    ),
     request_body(content = ResetCounterRequest, content_type = "application/json"),
     responses(
         (status = 202, description = "Kafka acknowledged the reset", body = SetAccepted),
@@ -206,7 +214,7 @@ pub async fn set_counter(
         (status = 403, description = "Admin routes are disabled", content_type = "application/problem+json"),
         (status = 413, description = "Body too large", content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", content_type = "application/problem+json"),
-        (status = 503, description = "Kafka did not acknowledge in time; the reset is indeterminate", content_type = "application/problem+json"),
+        (status = 503, description = "Redis could not mark the reset (nothing was set), or Kafka did not acknowledge in time (the reset is indeterminate: retry with the same Idempotency-Key)", content_type = "application/problem+json"),
     ),
     security(("admin_token" = [])),
     tag = "admin"
@@ -223,22 +231,21 @@ pub async fn reset_counter(
     let object = json_object(&headers, &body)?;
     reject_unknown_members(&object, &["reason"])?;
     let reason = reason(&object)?.ok_or_else(|| invalid_body("`reason` is required"))?;
-    set_one(&service, name, 0, reason, &extensions).await
+    let request = set_request(reason, &headers, &extensions)?;
+    set_one(&service, name, 0, &request).await
 }
 
 async fn set_one(
     service: &IngestService,
     name: CounterName,
     value: i64,
-    reason: String,
-    extensions: &Extensions,
+    request: &SetRequest,
 ) -> Result<(StatusCode, Json<SetAccepted>), Problem> {
-    let request = set_request(reason, extensions);
     let sets = [(name, value)];
     let mut audit_ids = service
-        .set_counters(&sets, &request)
+        .set_counters(&sets, request)
         .await
-        .map_err(|error| ingest_problem(IngestError::Unavailable(error)))?;
+        .map_err(set_problem)?;
     let [(name, value)] = sets;
     Ok((
         StatusCode::ACCEPTED,
@@ -254,6 +261,9 @@ async fn set_one(
 #[utoipa::path(
     post,
     path = "/v1/admin/import",
+    params(
+        ("Idempotency-Key" = Option<tally_infra::openapi::IdempotencyKeyHeaderSchema>, Header, description = "Makes a retry of the same import apply each set once: 1 to 128 printable ASCII characters"),
+    ),
     request_body(content = ImportRequest, content_type = "application/json"),
     responses(
         (status = 202, description = "Kafka acknowledged every set", body = ImportAccepted),
@@ -263,7 +273,7 @@ async fn set_one(
         (status = 413, description = "Body too large", content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", content_type = "application/problem+json"),
         (status = 422, description = "A counter appears more than once; the items are listed by index in `errors`", content_type = "application/problem+json"),
-        (status = 503, description = "Kafka did not acknowledge every set in time; they are indeterminate (an import can be sent again)", content_type = "application/problem+json"),
+        (status = 503, description = "Redis could not mark the sets (nothing was set), or Kafka did not acknowledge every set in time (they are indeterminate: retry with the same Idempotency-Key)", content_type = "application/problem+json"),
     ),
     security(("admin_token" = [])),
     tag = "admin"
@@ -333,11 +343,11 @@ pub async fn import(
         )
         .with_extension("errors", Value::Array(repeated)));
     }
-    let request = set_request(reason, &extensions);
+    let request = set_request(reason, &headers, &extensions)?;
     let audit_ids = service
         .set_counters(&sets, &request)
         .await
-        .map_err(|error| ingest_problem(IngestError::Unavailable(error)))?;
+        .map_err(set_problem)?;
     let counters = sets
         .into_iter()
         .zip(audit_ids)
@@ -474,14 +484,47 @@ fn invalid_query(detail: String) -> Problem {
     )
 }
 
-fn set_request(reason: String, extensions: &Extensions) -> SetRequest {
-    SetRequest {
+fn set_request(
+    reason: String,
+    headers: &HeaderMap,
+    extensions: &Extensions,
+) -> Result<SetRequest, Problem> {
+    let idempotency_key = match headers.get(IDEMPOTENCY_KEY_HEADER) {
+        None => None,
+        Some(value) => Some(
+            IdempotencyKey::parse(value.as_bytes())
+                .map_err(|error| {
+                    Problem::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid-idempotency-key",
+                        "Invalid idempotency key",
+                        error.to_string(),
+                    )
+                })?
+                .into_string(),
+        ),
+    };
+    Ok(SetRequest {
         actor: ADMIN_ACTOR.to_owned(),
         client: extensions.get::<ConnectInfo<SocketAddr>>().map_or_else(
             || "unknown".to_owned(),
             |ConnectInfo(address)| address.ip().to_string(),
         ),
         reason,
+        idempotency_key,
+    })
+}
+
+fn set_problem(error: SetError) -> Problem {
+    match error {
+        SetError::MarkFailed(_) => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "redis-unavailable",
+            "Redis did not answer",
+            format!("{error}; a set is marked in redis first, so reads never show the value from before it as fresh; retry later"),
+        )
+        .with_retry_after(1),
+        SetError::Produce(error) => ingest_problem(IngestError::Unavailable(error)),
     }
 }
 

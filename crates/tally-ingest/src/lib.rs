@@ -26,7 +26,8 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 
 pub use service::{
-    CounterIncrements, IncrementItem, IngestError, IngestService, ProduceError, SetRequest,
+    CounterIncrements, IncrementItem, IngestError, IngestService, ProduceError, SetError,
+    SetRequest,
 };
 
 /// The admin routes that set plain counters and read the audit trail, with a body limit that

@@ -19,7 +19,7 @@ use tally_core::{
 };
 use tally_infra::clock::now_ms;
 use tally_infra::config::{IngestConfig, PipelineConfig, StoreConfig};
-use tally_mirror::{DeltaPipeline, DeltaWriter, KeySpace};
+use tally_mirror::{DeltaPipeline, DeltaWriter, KeySpace, PendingSets};
 use tracing::{debug, warn};
 
 use crate::group_commit::{self, GroupCommit};
@@ -67,6 +67,7 @@ pub struct IngestService {
     produce_timeout: Duration,
     idempotency_window_secs: u64,
     deltas: DeltaWriter,
+    pending_sets: PendingSets,
     claims: KeyClaims,
     /// std Mutex: held only for a map update, never across an await.
     hot_names: Mutex<HotNames>,
@@ -101,6 +102,44 @@ pub struct SetRequest {
     pub actor: String,
     pub client: String,
     pub reason: String,
+    /// Makes a retry of the same set (same counter and value) apply once.
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetError {
+    /// Nothing was produced.
+    #[error("could not mark the sets in flight in redis ({0}); nothing was set")]
+    MarkFailed(redis::RedisError),
+    #[error(transparent)]
+    Produce(#[from] ProduceError),
+}
+
+/// A set's audit id: the aggregator applies each id once. With an idempotency key it is derived
+/// from the key, the counter and the value, so a retry of the same set is the same set; without
+/// one, every request is a set of its own.
+fn set_audit_id(idempotency_key: Option<&str>, name: &CounterName, value: i64) -> String {
+    use md5::{Digest as _, Md5};
+    match idempotency_key {
+        None => format!("{:032x}", rand::rng().random::<u128>()),
+        Some(key) => {
+            let mut digest = Md5::new();
+            for part in [
+                key.as_bytes(),
+                name.as_str().as_bytes(),
+                &value.to_be_bytes(),
+            ] {
+                digest.update((part.len() as u64).to_be_bytes());
+                digest.update(part);
+            }
+            let hex: String = digest
+                .finalize()
+                .iter()
+                .map(|byte| format!("{byte:02x}"))
+                .collect();
+            format!("k{hex}")
+        }
+    }
 }
 
 /// What a request's idempotency keys came to before anything is produced.
@@ -137,6 +176,7 @@ impl IngestService {
             window: pipeline.window_spec(),
             produce_timeout: pipeline.produce_timeout(),
             idempotency_window_secs: pipeline.idempotency_window_secs,
+            pending_sets: PendingSets::new(KeySpace::new(store.redis_prefix.clone())),
             deltas: DeltaWriter::new(
                 KeySpace::new(store.redis_prefix.clone()),
                 pipeline.delta_ttl_secs,
@@ -472,18 +512,27 @@ impl IngestService {
     /// Produces one set record per counter, each with its own audit id, and waits for Kafka
     /// to acknowledge them all. A set goes through its counter's partition like an increment,
     /// so it lands in order with the increments around it; the aggregator applies it.
+    ///
+    /// First the sets are marked in flight in the Redis mirror, so no read shows a value from
+    /// before them as fresh while they travel: without the mark, nothing is produced.
     pub async fn set_counters(
         &self,
         sets: &[(CounterName, i64)],
         request: &SetRequest,
-    ) -> Result<Vec<String>, ProduceError> {
+    ) -> Result<Vec<String>, SetError> {
         let now = now_ms();
         let window_start_ms = self.window.start_of(now);
+        let names: Vec<&str> = sets.iter().map(|(name, _)| name.as_str()).collect();
+        let mut redis = self.redis.clone();
+        self.pending_sets
+            .mark(&mut redis, &names, window_start_ms)
+            .await
+            .map_err(SetError::MarkFailed)?;
         let mut audit_ids = Vec::with_capacity(sets.len());
         let mut sent = Vec::with_capacity(sets.len());
         for (name, value) in sets {
             let audit = SetAudit {
-                id: format!("{:032x}", rand::rng().random::<u128>()),
+                id: set_audit_id(request.idempotency_key.as_deref(), name, *value),
                 actor: request.actor.clone(),
                 client: request.client.clone(),
                 reason: request.reason.clone(),
@@ -496,6 +545,17 @@ impl IngestService {
         let outcomes = self.await_deliveries(sent).await;
         metrics::SETS_ACCEPTED
             .inc_by(outcomes.iter().filter(|outcome| outcome.is_ok()).count() as u64);
+        // A set that never left this process will never be applied: take it off its mark.
+        // Any other failure may still land, and its mark stays until its window closes.
+        let never_sent: Vec<&str> = names
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| matches!(outcome, Err(ProduceError::QueueFull)))
+            .map(|(name, _)| *name)
+            .collect();
+        if let Err(error) = self.pending_sets.unmark(&mut redis, &never_sent).await {
+            debug!(%error, "could not unmark sets that were never sent; their marks last until their window closes");
+        }
         request_outcome(outcomes)?;
         Ok(audit_ids)
     }

@@ -2,7 +2,7 @@
 //!
 //! | key | type | written by | holds |
 //! |---|---|---|---|
-//! | `{P:b:B}` | hash | aggregator, rebuild | bucket `B`: the summaries of its counters (`c:NAME`) and its markers (`m:epoch`, `m:valid_from`, `m:created`, `m:g:PARTITION`) |
+//! | `{P:b:B}` | hash | aggregator, rebuild; ingest (`s:` only) | bucket `B`: the summaries of its counters (`c:NAME`), its markers (`m:epoch`, `m:valid_from`, `m:created`, `m:g:PARTITION`), and the marks of sets in flight (`s:NAME`) |
 //! | `{}P:d:W:S:NAME` | hash | ingest | deltas of window `W` on shard `S`: `p` and `m`, the sums of the positive and negative records; on shard 0 also `n`, the window's shard count when above 1 |
 //! | `{}P:closed` | hash | aggregator, rebuild | per partition, the latest closed window; `partitions`, their count |
 //!
@@ -10,8 +10,10 @@
 //! one slot. Every other key starts with an empty hash tag `{}`, so Redis Cluster hashes the whole
 //! key: a `{` in a counter name can never pin a hot counter's shards to one node, and they spread
 //! over the slots. The counter name always comes last, so a `:` in a name cannot make two keys
-//! collide; in a bucket, names are fields behind `c:`, and markers are fields behind `m:`.
+//! collide; in a bucket, names are fields behind `c:`, markers are fields behind `m:`, and set marks behind `s:`.
 
+/// Field prefix of the mark of a counter's sets in flight, in its bucket.
+pub(crate) const PENDING_SET_FIELD_PREFIX: &str = "s:";
 /// Field prefix of a counter's summary in its bucket.
 pub(crate) const COUNTER_FIELD_PREFIX: &str = "c:";
 /// Marker: the bucket's identity. A bucket without one has lost its data (or never had any).
@@ -65,6 +67,10 @@ impl KeySpace {
 
 pub(crate) fn counter_field(name: &str) -> String {
     format!("{COUNTER_FIELD_PREFIX}{name}")
+}
+
+pub(crate) fn pending_set_field(name: &str) -> String {
+    format!("{PENDING_SET_FIELD_PREFIX}{name}")
 }
 
 pub(crate) fn generation_field(partition: i32) -> String {

@@ -4,7 +4,8 @@
 //! a summary of what PostgreSQL holds, and per window the deltas the ingest added after Kafka
 //! acknowledged them. This crate owns that mirror, whole: the key layout ([`keys`]), the Lua
 //! scripts ([`scripts`]), the value formula ([`value`]), the summaries ([`summary`]), closed
-//! windows ([`closed`]), the ingest's deltas ([`deltas`]), the aggregator's copies and repairs
+//! windows ([`closed`]), the ingest's deltas ([`deltas`]) and marks of sets in flight
+//! ([`pending_sets`]), the aggregator's copies and repairs
 //! ([`commit`], [`repair`]), the readers' trust rules ([`read`]) and the rebuild ([`rebuild`]).
 //! No other crate reads or writes a mirror key.
 //!
@@ -33,12 +34,15 @@
 //!    started from, so a bucket lost again mid-repair is never marked complete.
 //! 5. **A closed window is published only once its commits are in every bucket**, so a read that
 //!    takes a window from the summary's total finds it there.
+//! 6. **A set is never hidden by the deltas.** A set adds no delta; a read does not trust a
+//!    counter whose set may still be on its way into the summary ([`pending_sets`]).
 
 pub mod bucket;
 pub mod closed;
 pub mod commit;
 pub mod deltas;
 pub mod keys;
+pub mod pending_sets;
 pub mod read;
 pub mod rebuild;
 mod repair;
@@ -52,6 +56,7 @@ pub use closed::{ClosedWindows, publish_closed_windows, read_closed_windows};
 pub use commit::{ApplyReport, CommitToMirror, PartitionMark, RepairPolicy};
 pub use deltas::{DeltaPipeline, DeltaWriter};
 pub use keys::KeySpace;
+pub use pending_sets::PendingSets;
 pub use read::{MarkerFloors, MirrorRead, Untrusted};
 pub use rebuild::{RebuildError, RebuildProgress, RebuildReport, RebuildSettings};
 pub use repair::RepairOutcome;

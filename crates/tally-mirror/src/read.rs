@@ -14,7 +14,8 @@
 //!   floor, which proves the counter is new rather than lost;
 //! - its `valid_from` is no later than the first window the read takes from the deltas (the
 //!   deltas of windows open when the bucket was lost may be missing writes);
-//! - the summary still has the window records of every window the read needs.
+//! - the summary still has the window records of every window the read needs;
+//! - no set of the counter may still be on its way into the summary ([`crate::pending_sets`]).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -25,8 +26,9 @@ use crate::bucket::bucket_of;
 use crate::closed::ClosedWindows;
 use crate::keys::{
     DELTA_NEGATIVE_FIELD, DELTA_POSITIVE_FIELD, EPOCH_FIELD, SHARD_COUNT_FIELD, VALID_FROM_FIELD,
-    counter_field, generation_field,
+    counter_field, generation_field, pending_set_field,
 };
+use crate::pending_sets::PendingSetMark;
 use crate::store::PartitionGenerations;
 use crate::summary::CounterSummary;
 use crate::value::{WindowDeltas, combine_value};
@@ -56,6 +58,8 @@ pub enum Untrusted {
     SummaryIncomplete,
     /// The summary does not parse.
     CorruptSummary,
+    /// A set of the counter was accepted and may not be in the summary yet.
+    SetInFlight,
 }
 
 impl Untrusted {
@@ -69,6 +73,7 @@ impl Untrusted {
             Untrusted::DeltasNotYetValid => "deltas_not_yet_valid",
             Untrusted::SummaryIncomplete => "summary_incomplete",
             Untrusted::CorruptSummary => "corrupt_summary",
+            Untrusted::SetInFlight => "set_in_flight",
         }
     }
 }
@@ -84,6 +89,7 @@ struct BucketState {
 /// One counter's part of the first round trip.
 struct CounterReplies {
     summary: Result<Option<CounterSummary>, Untrusted>,
+    pending_set: Option<PendingSetMark>,
     /// Per window: (shard count, shard 0's deltas).
     windows: Vec<(u32, WindowDeltas)>,
 }
@@ -176,7 +182,9 @@ impl Mirror {
                 command.arg(generation_field(partition));
             }
             for index in indexes {
-                command.arg(counter_field(names[*index]));
+                command
+                    .arg(counter_field(names[*index]))
+                    .arg(pending_set_field(names[*index]));
             }
         }
         for name in names {
@@ -201,6 +209,7 @@ impl Mirror {
         let mut states: HashMap<u32, BucketState> = HashMap::new();
         let mut summaries: Vec<Result<Option<CounterSummary>, Untrusted>> =
             vec![Ok(None); names.len()];
+        let mut pending_sets: Vec<Option<PendingSetMark>> = vec![None; names.len()];
         for (bucket, indexes) in &names_by_bucket {
             let mut fields = replies.next_array()?.into_iter();
             let mut next_field = || fields.next().flatten();
@@ -218,6 +227,7 @@ impl Mirror {
                         .map(Some)
                         .map_err(|_| Untrusted::CorruptSummary),
                 };
+                pending_sets[*index] = next_field().map(|encoded| PendingSetMark::decode(&encoded));
             }
             states.insert(
                 *bucket,
@@ -229,7 +239,7 @@ impl Mirror {
             );
         }
         let mut counters = Vec::with_capacity(names.len());
-        for summary in summaries {
+        for (summary, pending_set) in summaries.into_iter().zip(pending_sets) {
             let mut per_window = Vec::with_capacity(windows.len());
             for _ in &windows {
                 let mut fields = replies.next_array()?.into_iter();
@@ -252,6 +262,7 @@ impl Mirror {
             }
             counters.push(CounterReplies {
                 summary,
+                pending_set,
                 windows: per_window,
             });
         }
@@ -324,6 +335,12 @@ impl Mirror {
                 let closed_window_ms =
                     closed.closed_for(summary.as_ref().map(|summary| summary.partition));
                 self.check_trust(state, summary.as_ref(), closed_window_ms, floors)?;
+                if counter
+                    .pending_set
+                    .is_some_and(|mark| mark.in_flight(closed_window_ms))
+                {
+                    return Err(Untrusted::SetInFlight);
+                }
                 let open: Vec<(i64, WindowDeltas)> = windows
                     .iter()
                     .copied()

@@ -180,3 +180,37 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 "#;
+
+/// Marks one more set of a counter as in flight (see `pending_sets`).
+///
+/// `KEYS[1]` = the counter's bucket. `ARGV[1]` = the mark's field, `ARGV[2]` = the window the
+/// set was made in. The mark keeps the latest window of the sets it counts.
+pub(crate) const MARK_PENDING_SET: &str = r#"
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+local count, window = 0, ARGV[2]
+if stored then
+  local stored_count, stored_window = string.match(stored, '^(%S+) (%S+)$')
+  count = tonumber(stored_count) or 0
+  if tonumber(stored_window) and tonumber(stored_window) > tonumber(window) then
+    window = stored_window
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], (count + 1) .. ' ' .. window)
+return 1
+"#;
+
+/// Takes one set of a counter off its mark, and drops the mark at zero.
+///
+/// `KEYS[1]` = the counter's bucket. `ARGV[1]` = the mark's field.
+pub(crate) const UNMARK_PENDING_SET: &str = r#"
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+if not stored then return 0 end
+local stored_count, stored_window = string.match(stored, '^(%S+) (%S+)$')
+local count = (tonumber(stored_count) or 1) - 1
+if count <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], count .. ' ' .. stored_window)
+end
+return 1
+"#;

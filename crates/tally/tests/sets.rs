@@ -328,3 +328,56 @@ async fn set_routes_refuse_bad_input_and_missing_tokens_with_problems() {
     assert_eq!(response.status(), 400);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn reads_never_show_the_value_from_before_a_set_as_fresh() {
+    let app = spawn().await;
+    let name = "fresh-after-set";
+    assert_eq!(app.increment(name, 40).await.status(), 202);
+    app.wait_for_exact(name, 40).await;
+    for round in 0..5 {
+        let value = 1_000 * (round + 1);
+        set(&app, name, value, "read right after").await;
+        // From the 202 on, a fresh read shows the set or says it is stale: never 40 (or an
+        // earlier set) as if it were the counter's value now.
+        let mut stale_reads = 0;
+        loop {
+            let read = app.read(name, true).await;
+            if read["value"] == value {
+                break;
+            }
+            assert_eq!(
+                read["stale"], true,
+                "round {round}: a read showed {read} as fresh after a set to {value}"
+            );
+            stale_reads += 1;
+        }
+        println!("set to {value}: {stale_reads} stale reads before it showed");
+    }
+    app.wait_for_exact(name, 5_000).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_retried_set_with_an_idempotency_key_applies_once() {
+    let app = spawn().await;
+    let name = "retried-set";
+    let send = || {
+        app.http
+            .post(app.url(&format!("/v1/admin/counters/{name}/set")))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("Idempotency-Key", "set-once")
+            .json(&json!({"value": 100, "reason": "retried"}))
+            .send()
+    };
+    let first: Value = send().await.unwrap().json().await.unwrap();
+    app.wait_for_exact(name, 100).await;
+    assert_eq!(app.increment(name, 3).await.status(), 202);
+    // The retry lands after the increment; applied again, it would wipe it.
+    let retry: Value = send().await.unwrap().json().await.unwrap();
+    assert_eq!(retry["audit_id"], first["audit_id"], "{retry}");
+    assert_eq!(app.increment(name, 1).await.status(), 202);
+    app.wait_for_exact(name, 104).await;
+    assert_eq!(wait_for_audit(&app, name, 1).await.len(), 1);
+    app.stop().await;
+}
