@@ -3,7 +3,8 @@
 -- that applies it, so the trail and the totals never disagree. `old_value` is the counter's
 -- value just before the set in the partition's order.
 CREATE TABLE counter_audit (
-    -- Orders the trail: rows are written in the order their sets were applied.
+    -- Orders the trail: a counter's rows in the order its sets were applied (the rows of
+    -- different partitions' commits may interleave either way).
     seq bigserial PRIMARY KEY,
     -- Given by the ingest when it accepts the set: a record read twice is audited once.
     audit_id text NOT NULL UNIQUE,

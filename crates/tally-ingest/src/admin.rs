@@ -198,6 +198,11 @@ pub async fn set_counter(
     set_one(&service, name, value, &request).await
 }
 
+/// The set and reset routes with an empty name.
+pub async fn empty_name() -> Problem {
+    invalid_counter_name(&tally_core::CounterNameError::Empty)
+}
+
 /// Sets a plain counter to 0, ordered with its increments, and audits it.
 #[utoipa::path(
     post,

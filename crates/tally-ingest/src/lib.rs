@@ -39,6 +39,9 @@ pub fn admin_router(service: Arc<IngestService>) -> Router {
             "/v1/admin/counters/{name}/reset",
             post(admin::reset_counter),
         )
+        // An empty name has no segment for the router to match; answer it as a bad name.
+        .route("/v1/admin/counters//set", post(admin::empty_name))
+        .route("/v1/admin/counters//reset", post(admin::empty_name))
         .route("/v1/admin/import", post(admin::import))
         .route("/v1/admin/audit", get(admin::audit))
         .layer(DefaultBodyLimit::max(admin::IMPORT_BODY_MAX_BYTES))

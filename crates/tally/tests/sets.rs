@@ -318,6 +318,14 @@ async fn set_routes_refuse_bad_input_and_missing_tokens_with_problems() {
         .await
         .unwrap();
     assert_eq!(response.status(), 401);
+    let (status, answer) = admin_post(
+        &app,
+        "/v1/admin/counters//set",
+        json!({"value": 1, "reason": "x"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["type"], "/problems/invalid-counter-name");
     let response = app
         .http
         .get(app.url("/v1/admin/audit?limit=0"))
