@@ -7,6 +7,8 @@
 //! - [`problem`]: the one mapping from errors users see to `application/problem+json`, and
 //!   [`counter_path`] for the `{name}` segment every counter route takes, and [`openapi`] for
 //!   the rules on names, amounts and keys as the OpenAPI document states them;
+//! - [`json_body`]: how a JSON request body is read, and the problem each way of getting it
+//!   wrong is answered with (content type, an object, known members only);
 //! - [`metrics`]: the Prometheus registry rendered by `/metrics`;
 //! - [`clock`]: wall-clock milliseconds.
 //!
@@ -15,6 +17,7 @@
 pub mod clock;
 pub mod config;
 pub mod counter_path;
+pub mod json_body;
 pub mod kafka;
 pub mod metrics;
 pub mod openapi;

@@ -15,6 +15,7 @@ use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{Extensions, HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+use tally_core::amount::whole_number;
 use tally_core::{CounterName, IdempotencyKey};
 use tally_infra::Problem;
 use tally_infra::counter_path::{counter_name_from_path, invalid_counter_name};
@@ -552,18 +553,6 @@ fn integer(value: Option<&Value>, member: &str) -> Result<i64, Problem> {
             json_kind(other)
         ))),
     }
-}
-
-/// The integer a JSON number stands for: `10406.0` and `1e3` are whole numbers too, as JSON
-/// Schema's `integer` says.
-fn whole_number(number: &serde_json::Number) -> Option<i64> {
-    if let Some(integer) = number.as_i64() {
-        return Some(integer);
-    }
-    let float = number.as_f64()?;
-    // 2^63 is the first float past i64::MAX; every float below it in size is exact in an i64.
-    (float.fract() == 0.0 && float >= -(2f64.powi(63)) && float < 2f64.powi(63))
-        .then_some(float as i64)
 }
 
 fn invalid_value(detail: String) -> Problem {

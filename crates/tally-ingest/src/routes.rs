@@ -8,14 +8,18 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use serde::Serialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tally_core::{Amount, CounterName, IdempotencyKey};
 
 use crate::service::ProduceError;
 use tally_infra::Problem;
 use tally_infra::counter_path::counter_name_from_path;
+// `crate::admin` reads its bodies through these too.
+pub(crate) use tally_infra::json_body::{
+    body_rejection, invalid_body, json_kind, json_object, reject_unknown_members, require_json,
+};
 use tracing::instrument;
 
 use crate::service::{IncrementItem, IngestError, IngestService};
@@ -380,85 +384,6 @@ fn validate_item(item: &Value) -> Result<(CounterName, i64, Option<String>), Ite
     Ok((name, by.get(), key))
 }
 
-/// Refuses a body that is not sent as JSON.
-pub(crate) fn require_json(headers: &HeaderMap) -> Result<(), Problem> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok());
-    let is_json = content_type.is_some_and(|value| {
-        let media_type = value
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
-        media_type == "application/json" || media_type.ends_with("+json")
-    });
-    if is_json {
-        return Ok(());
-    }
-    Err(Problem::new(
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "unsupported-media-type",
-        "The body must be JSON",
-        format!(
-            "the Content-Type is {}; send application/json",
-            content_type.map_or("missing".to_owned(), |value| format!("`{value}`"))
-        ),
-    ))
-}
-
-/// Checks the content type and parses the body as a JSON object.
-pub(crate) fn json_object(headers: &HeaderMap, body: &[u8]) -> Result<Map<String, Value>, Problem> {
-    require_json(headers)?;
-    let value: Value = serde_json::from_slice(body).map_err(|error| {
-        Problem::new(
-            StatusCode::BAD_REQUEST,
-            "malformed-json",
-            "The body is not valid JSON",
-            error.to_string(),
-        )
-    })?;
-    match value {
-        Value::Object(object) => Ok(object),
-        other => Err(invalid_body(format!(
-            "the body must be a JSON object, got {}",
-            json_kind(&other)
-        ))),
-    }
-}
-
-pub(crate) fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-pub(crate) fn reject_unknown_members(
-    object: &Map<String, Value>,
-    known: &[&str],
-) -> Result<(), Problem> {
-    match object
-        .keys()
-        .find(|member| !known.contains(&member.as_str()))
-    {
-        Some(unknown) => Err(invalid_body(format!(
-            "unknown member `{unknown}`; the body may only have {}",
-            known
-                .iter()
-                .map(|member| format!("`{member}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))),
-        None => Ok(()),
-    }
-}
-
 fn invalid_amount(detail: String) -> Problem {
     Problem::new(
         StatusCode::BAD_REQUEST,
@@ -474,32 +399,6 @@ fn invalid_idempotency_key(detail: String) -> Problem {
         "invalid-idempotency-key",
         "Invalid idempotency key",
         detail,
-    )
-}
-
-pub(crate) fn invalid_body(detail: impl Into<String>) -> Problem {
-    Problem::new(
-        StatusCode::BAD_REQUEST,
-        "invalid-body",
-        "The body has the wrong shape",
-        detail,
-    )
-}
-
-pub(crate) fn body_rejection(rejection: BytesRejection) -> Problem {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        return Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body-too-large",
-            "The body is too large",
-            rejection.body_text(),
-        );
-    }
-    Problem::new(
-        StatusCode::BAD_REQUEST,
-        "unreadable-body",
-        "The body could not be read",
-        rejection.body_text(),
     )
 }
 

@@ -7,14 +7,15 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
+use tally_core::amount::{deserialize_optional_whole_number, deserialize_whole_number};
 use tally_core::{CounterName, CounterNameError, IdempotencyKey};
 use tally_infra::Problem;
 use tally_infra::counter_path::{counter_name_from_path, invalid_counter_name};
+use tally_infra::json_body::parse_body;
 use tracing::instrument;
 
 use crate::metrics;
@@ -28,12 +29,13 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 #[serde(deny_unknown_fields)]
 pub struct DefineRequest {
     /// The initial value; it must lie within `min` and `max`.
+    #[serde(deserialize_with = "deserialize_whole_number")]
     pub value: i64,
     /// The lowest value the counter may take; absent or `null`: unbounded (the `i64` range).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "deserialize_optional_whole_number")]
     pub min: Option<i64>,
     /// The highest value the counter may take; absent or `null`: unbounded (the `i64` range).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "deserialize_optional_whole_number")]
     pub max: Option<i64>,
 }
 
@@ -43,6 +45,7 @@ pub struct DefineRequest {
 pub struct AddRequest {
     /// A nonzero integer; negative takes away.
     #[schema(schema_with = nonzero_i64_schema)]
+    #[serde(deserialize_with = "deserialize_whole_number")]
     pub by: i64,
 }
 
@@ -51,8 +54,10 @@ pub struct AddRequest {
 #[serde(deny_unknown_fields)]
 pub struct CompareAndSetRequest {
     /// The value the counter must hold for the set to happen.
+    #[serde(deserialize_with = "deserialize_whole_number")]
     pub expected: i64,
     /// The new value; it must lie within the counter's `min` and `max`.
+    #[serde(deserialize_with = "deserialize_whole_number")]
     pub value: i64,
 }
 
@@ -472,103 +477,18 @@ fn invalid_definition(detail: String) -> Problem {
     )
 }
 
-/// Parses a JSON body into `T`, naming what is wrong: not JSON (`malformed-json`), or JSON of
-/// the wrong shape (`invalid-body`: an unknown member, a missing one, a wrong type).
-fn parse_body<T: DeserializeOwned>(
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, Problem> {
-    let body = body.map_err(body_rejection)?;
-    require_json(headers)?;
-    let value: Value = serde_json::from_slice(&body).map_err(|error| {
-        Problem::new(
-            StatusCode::BAD_REQUEST,
-            "malformed-json",
-            "The body is not valid JSON",
-            error.to_string(),
-        )
-    })?;
-    // serde would take `[1]` for `{"by": 1}`: only an object is a body.
-    if !value.is_object() {
-        let kind = match value {
-            Value::Array(_) => "an array",
-            Value::String(_) => "a string",
-            Value::Number(_) => "a number",
-            Value::Bool(_) => "a boolean",
-            Value::Null | Value::Object(_) => "null",
-        };
-        return Err(invalid_body(format!(
-            "the body must be a JSON object, got {kind}"
-        )));
-    }
-    T::deserialize(value).map_err(|error| invalid_body(error.to_string()))
-}
-
-fn invalid_body(detail: String) -> Problem {
-    Problem::new(
-        StatusCode::BAD_REQUEST,
-        "invalid-body",
-        "The body has the wrong shape",
-        detail,
-    )
-}
-
-fn require_json(headers: &HeaderMap) -> Result<(), Problem> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok());
-    let is_json = content_type.is_some_and(|value| {
-        let media_type = value
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
-        media_type == "application/json" || media_type.ends_with("+json")
-    });
-    if is_json {
-        return Ok(());
-    }
-    Err(Problem::new(
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "unsupported-media-type",
-        "The body must be JSON",
-        format!(
-            "the Content-Type is {}; send application/json",
-            content_type.map_or("missing".to_owned(), |value| format!("`{value}`"))
-        ),
-    ))
-}
-
-fn body_rejection(rejection: BytesRejection) -> Problem {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        return Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body-too-large",
-            "The body is too large",
-            rejection.body_text(),
-        );
-    }
-    Problem::new(
-        StatusCode::BAD_REQUEST,
-        "unreadable-body",
-        "The body could not be read",
-        rejection.body_text(),
-    )
-}
-
 #[cfg(test)]
 mod tests {
+    use axum::body::Bytes;
+    use axum::http::header;
+    use serde::de::DeserializeOwned;
+
     use super::*;
 
-    fn json_headers() -> HeaderMap {
+    fn parse<T: DeserializeOwned>(body: &str) -> Result<T, Problem> {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
-        headers
-    }
-
-    fn parse<T: DeserializeOwned>(body: &str) -> Result<T, Problem> {
-        parse_body(&json_headers(), Ok(Bytes::from(body.to_owned())))
+        parse_body(&headers, Ok(Bytes::from(body.to_owned())))
     }
 
     #[test]
@@ -576,30 +496,43 @@ mod tests {
         let unknown = parse::<AddRequest>(r#"{"by": 1, "bye": 2}"#).unwrap_err();
         assert_eq!(unknown.slug, "invalid-body");
         assert!(unknown.detail.contains("bye"), "{}", unknown.detail);
-        let wrong_type = parse::<AddRequest>(r#"{"by": "3"}"#).unwrap_err();
-        assert_eq!(wrong_type.slug, "invalid-body");
-        assert_eq!(
-            parse::<AddRequest>(r#"{"by": 1.5}"#).unwrap_err().slug,
-            "invalid-body"
-        );
+        for not_an_integer in [
+            "1.5",
+            r#""3""#,
+            "true",
+            "null",
+            "1e30",
+            "9223372036854775808",
+        ] {
+            let problem =
+                parse::<AddRequest>(&format!(r#"{{"by": {not_an_integer}}}"#)).unwrap_err();
+            assert_eq!(problem.slug, "invalid-body", "{not_an_integer}");
+            assert!(problem.detail.contains("`by`"), "{}", problem.detail);
+        }
         assert_eq!(
             parse::<AddRequest>(r#"{"by": 1"#).unwrap_err().slug,
             "malformed-json"
         );
         assert_eq!(parse::<AddRequest>("").unwrap_err().slug, "malformed-json");
-        assert_eq!(
-            parse::<CompareAndSetRequest>(r#"{"expected": 1}"#)
-                .unwrap_err()
-                .slug,
-            "invalid-body"
-        );
+        let missing = parse::<CompareAndSetRequest>(r#"{"expected": 1}"#).unwrap_err();
+        assert_eq!(missing.slug, "invalid-body");
+        assert!(missing.detail.contains("`value`"), "{}", missing.detail);
         let unbounded: DefineRequest = parse(r#"{"value": 3, "min": null}"#).unwrap();
         assert_eq!((unbounded.min, unbounded.max), (None, None));
+        let min = parse::<DefineRequest>(r#"{"value": 3, "min": 0.5}"#).unwrap_err();
+        assert!(min.detail.contains("`min`"), "{}", min.detail);
         assert_eq!(parse::<AddRequest>("[1]").unwrap_err().slug, "invalid-body");
-        let not_json = parse_body::<AddRequest>(&HeaderMap::new(), Ok(Bytes::from("{}")));
+    }
+
+    #[test]
+    fn whole_number_floats_are_integers() {
+        let define: DefineRequest = parse(r#"{"value": 232.0, "min": -1e3, "max": 2e3}"#).unwrap();
         assert_eq!(
-            not_json.unwrap_err().status,
-            StatusCode::UNSUPPORTED_MEDIA_TYPE
+            (define.value, define.min, define.max),
+            (232, Some(-1000), Some(2000))
         );
+        assert_eq!(parse::<AddRequest>(r#"{"by": -5.0}"#).unwrap().by, -5);
+        let cas: CompareAndSetRequest = parse(r#"{"expected": 1e1, "value": 0.0}"#).unwrap();
+        assert_eq!((cas.expected, cas.value), (10, 0));
     }
 }
