@@ -5,7 +5,8 @@
 //!
 //! ## Layout
 //! - [`name`]: what a counter name is ([`CounterName`]).
-//! - [`amount`]: what an increment amount is ([`Amount`]) and clamping to `i64`.
+//! - [`amount`]: what an increment amount is ([`Amount`]), what integer a JSON number stands
+//!   for, and clamping to `i64`.
 //! - [`idempotency`]: what an `Idempotency-Key` is.
 //! - [`window`]: how wall-clock time maps to 5-second aggregation windows, and when a window is
 //!   closed.
