@@ -40,6 +40,8 @@ ensure_packages() {
       command -v mvn >/dev/null || missing+=(maven)
     fi
   fi
+  # The tests check that badges are well-formed XML.
+  command -v xmllint >/dev/null || missing+=(libxml2-utils)
   ((${#missing[@]} > 0)) || return 0
 
   ((EUID == 0)) || die "missing packages (${missing[*]}) and not root; install them first"

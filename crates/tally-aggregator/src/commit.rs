@@ -294,10 +294,13 @@ pub(crate) async fn prune_expired_keys(
             return Ok(pruned);
         }
         let deleted = sqlx::query(
+            // The outer condition again: a key use renewed by a commit while this runs is
+            // re-checked on the row's new version, and kept.
             "DELETE FROM idempotency_keys WHERE (key, counter, by) IN (
                  SELECT key, counter, by FROM idempotency_keys
                  WHERE applied_at <= now() - make_interval(secs => $1)
-                 ORDER BY applied_at LIMIT $2)",
+                 ORDER BY applied_at LIMIT $2)
+             AND applied_at <= now() - make_interval(secs => $1)",
         )
         .bind(window_secs as f64)
         .bind(BATCH)

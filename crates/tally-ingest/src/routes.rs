@@ -402,7 +402,7 @@ fn invalid_idempotency_key(detail: String) -> Problem {
     )
 }
 
-pub(crate) fn ingest_problem(error: IngestError) -> Problem {
+pub fn ingest_problem(error: IngestError) -> Problem {
     let error = match error {
         IngestError::KeyReused { index, .. } => {
             return Problem::new(

@@ -161,7 +161,7 @@ fn invalid_query(detail: String) -> Problem {
     )
 }
 
-fn unavailable(error: ReadError) -> Problem {
+pub fn unavailable(error: ReadError) -> Problem {
     Problem::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "stores-unavailable",

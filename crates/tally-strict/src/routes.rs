@@ -447,6 +447,7 @@ fn error_label(error: &StrictError) -> &'static str {
     match error {
         StrictError::NotFound => "not_found",
         StrictError::Unavailable(_) => "unavailable",
+        StrictError::Overloaded => "overloaded",
     }
 }
 
@@ -462,6 +463,13 @@ fn strict_problem(error: StrictError) -> Problem {
             StatusCode::SERVICE_UNAVAILABLE,
             "postgres-unavailable",
             "Strict counters cannot be reached right now",
+            error.to_string(),
+        )
+        .with_retry_after(1),
+        StrictError::Overloaded => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "strict-counter-overloaded",
+            "Too many writes of this counter are waiting",
             error.to_string(),
         )
         .with_retry_after(1),

@@ -24,6 +24,9 @@ use crate::rules::{self, Attempt, CounterState, Decision, KeyUse, Limits, Operat
 
 /// Most writes one transaction carries; the rest wait for the next.
 const MAX_BATCH_OPERATIONS: usize = 512;
+/// Most writes that may wait for one counter: past this, a write is refused at once (`503`)
+/// instead of queueing for longer than any client waits.
+const MAX_WAITING_OPERATIONS: usize = 20_000;
 
 /// How often a batch is decided again after another request took one of its idempotency keys
 /// for another counter at the same moment; each retry sees that key, so one is nearly always
@@ -64,6 +67,9 @@ pub enum StrictError {
     NotFound,
     #[error("postgres did not answer: {0}")]
     Unavailable(String),
+    /// Nothing was written.
+    #[error("too many writes of this counter are waiting for postgres; nothing was written")]
+    Overloaded,
 }
 
 impl From<sqlx::Error> for StrictError {
@@ -154,6 +160,11 @@ impl StrictService {
             let mut waiting = self.waiting.lock().expect("no code panics holding it");
             match waiting.entry(name.as_str().to_owned()) {
                 Entry::Occupied(mut queue) => {
+                    // PostgreSQL is slower than the writes to this counter: refuse at once
+                    // rather than answer minutes late.
+                    if queue.get().len() >= MAX_WAITING_OPERATIONS {
+                        return Err(StrictError::Overloaded);
+                    }
                     queue.get_mut().push(pending);
                     false
                 }
@@ -191,8 +202,16 @@ impl StrictService {
                     return;
                 }
                 let taken = queue.len().min(MAX_BATCH_OPERATIONS);
-                queue.drain(..taken).collect()
+                // A request whose client hung up before its write began is not written: the
+                // client saw no answer and may well send it again.
+                queue
+                    .drain(..taken)
+                    .filter(|pending| !pending.reply_tx.is_closed())
+                    .collect()
             };
+            if batch.is_empty() {
+                continue;
+            }
             metrics::BATCH_OPERATIONS.observe(batch.len() as f64);
             let operations: Vec<&Operation> =
                 batch.iter().map(|pending| &pending.operation).collect();
@@ -236,7 +255,20 @@ impl StrictService {
         name: &str,
         operations: &[&Operation],
     ) -> Result<Option<Vec<Decision>>, StrictError> {
-        let mut transaction = self.pool.begin().await?;
+        // The reads below rely on READ COMMITTED (each statement sees what the previous holders
+        // of the row lock committed), whatever the database's default.
+        let mut transaction = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await?;
+        // A lock or a statement that hangs fails the batch, rather than stalling the counter
+        // for good.
+        sqlx::query(
+            "SELECT set_config('lock_timeout', '5s', true),
+                    set_config('statement_timeout', '10s', true)",
+        )
+        .execute(&mut *transaction)
+        .await?;
         let row: Option<CounterRow> = sqlx::query_as(
             "SELECT value, min, max, version, initial_value FROM strict_counters
              WHERE name = $1 FOR UPDATE",
@@ -270,8 +302,13 @@ impl StrictService {
             rows.into_iter().map(KeyRow::into_key_use).collect()
         };
 
-        let decided = rules::decide(name, before, operations, &known_keys);
+        let mut decided = rules::decide(name, before, operations, &known_keys);
         if decided.state != before || !decided.new_key_uses.is_empty() {
+            // Inserted in key order: two batches that take some of the same keys then lock
+            // them in the same order, and cannot deadlock each other.
+            decided
+                .new_key_uses
+                .sort_unstable_by(|(left, _), (right, _)| left.cmp(right));
             let new_keys = &decided.new_key_uses;
             let outcomes: Vec<StoredOutcome> = new_keys
                 .iter()
@@ -317,10 +354,13 @@ impl StrictService {
                 return Ok(pruned);
             }
             let deleted = sqlx::query(
+                // The outer condition again: a key renewed by its next use while this runs is
+                // re-checked on the row's new version, and kept.
                 "DELETE FROM strict_idempotency WHERE key IN (
                      SELECT key FROM strict_idempotency
                      WHERE applied_at <= now() - make_interval(secs => $1)
-                     ORDER BY applied_at LIMIT $2)",
+                     ORDER BY applied_at LIMIT $2)
+                 AND applied_at <= now() - make_interval(secs => $1)",
             )
             .bind(self.idempotency_window_secs as f64)
             .bind(PRUNE_BATCH)

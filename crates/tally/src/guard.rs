@@ -128,6 +128,19 @@ pub async fn guard_admin(
     }
 }
 
+/// Guards the widget requests that count a view (a CountAPI hit, a badge with `incr=1`) like
+/// the write routes; the widget requests that only read pass.
+pub async fn guard_counting_widgets(
+    State(guard): State<Arc<WriteGuard>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !tally_widgets::is_counting(&request) {
+        return next.run(request).await;
+    }
+    guard_writes(State(guard), request, next).await
+}
+
 /// Refuses requests whose headers add up to more than the cap, before any handler reads them.
 pub async fn cap_header_size(
     State(header_max_bytes): State<usize>,

@@ -14,6 +14,7 @@ use tally_infra::Problem;
 use tally_ingest::IngestService;
 use tally_read::ReadService;
 use tally_strict::StrictService;
+use tally_widgets::WidgetService;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -76,20 +77,35 @@ impl App {
             let strict_writes = tally_strict::write_router(Arc::clone(&strict)).route_layer(
                 axum::middleware::from_fn_with_state(Arc::clone(&write_guard), guard::guard_writes),
             );
-            router = router
-                .merge(strict_writes)
-                .merge(tally_strict::read_router(strict));
+            router = router.merge(strict_writes);
+        }
+        if args.runs(Role::Ingest) || args.runs(Role::Read) {
+            // A strict counter is read straight from PostgreSQL, by either role.
+            let strict = Arc::new(StrictService::new(pool.clone(), &args.pipeline));
+            router = router.merge(tally_strict::read_router(strict));
         }
         if args.runs(Role::Read) {
-            let service = ReadService::new(
+            let service = Arc::new(ReadService::new(
                 redis.clone(),
                 pool.clone(),
                 &args.store,
                 &args.pipeline,
                 &args.aggregator,
                 &args.read,
-            );
-            router = router.merge(tally_read::router(Arc::new(service)));
+            ));
+            router = router.merge(tally_read::router(Arc::clone(&service)));
+            // Widgets read through the read service, and count through the ingest when this
+            // process has it, behind the write guard like any increment.
+            let widgets = Arc::new(WidgetService {
+                read: service,
+                ingest: ingest.clone(),
+            });
+            router = router.merge(tally_widgets::router(widgets).route_layer(
+                axum::middleware::from_fn_with_state(
+                    Arc::clone(&write_guard),
+                    guard::guard_counting_widgets,
+                ),
+            ));
         }
         let mut aggregator = None;
         if args.runs(Role::Aggregator) {

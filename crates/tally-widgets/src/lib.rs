@@ -1,0 +1,52 @@
+//! # tally-widgets
+//!
+//! What view-count widgets use, on top of the plain counters:
+//! - `GET /badge/NAME.svg`: a shields-style SVG badge ([`badge`]), drawn by the `shields` crate
+//!   (shields.io's own layout and font widths), humanized counts ([`humanize`]), never cached
+//!   stale by an image proxy, and with `?incr=1` counting the view it shows;
+//! - `GET /v1/counters/NAME/shields`: the JSON `img.shields.io/endpoint` reads;
+//! - `GET /hit/NAMESPACE/KEY` and `GET /get/NAMESPACE/KEY`: CountAPI's routes, so pages written
+//!   for that service work against Tally; `NAMESPACE:KEY` is the Tally counter.
+//!
+//! A widget counts through the ingest and reads through the read service, so it keeps their
+//! promises: a counted view is durable before it is shown, and a value read is never a wrong
+//! value shown as fresh. Counting answers to the write rate limit like any increment; the caller
+//! puts [`is_counting`] requests behind the write guard.
+
+pub mod badge;
+pub mod humanize;
+pub mod routes;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::Request;
+use axum::routing::get;
+use tally_ingest::IngestService;
+use tally_read::ReadService;
+
+/// The services a widget uses. Without the ingest role in this process, widgets only read.
+pub struct WidgetService {
+    pub read: Arc<ReadService>,
+    pub ingest: Option<Arc<IngestService>>,
+}
+
+pub fn router(service: Arc<WidgetService>) -> Router {
+    Router::new()
+        .route("/badge/{file}", get(routes::badge))
+        .route("/v1/counters/{name}/shields", get(routes::shields_endpoint))
+        .route("/hit/{namespace}/{key}", get(routes::countapi_hit))
+        .route("/get/{namespace}/{key}", get(routes::countapi_get))
+        .with_state(service)
+}
+
+/// Whether a widget request counts a view: a CountAPI hit, or a badge with `incr=1`.
+pub fn is_counting<B>(request: &Request<B>) -> bool {
+    let uri = request.uri();
+    uri.path().starts_with("/hit/")
+        || uri.query().is_some_and(|query| {
+            query
+                .split('&')
+                .any(|pair| pair == "incr=1" || pair == "incr=true")
+        })
+}
