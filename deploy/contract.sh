@@ -142,6 +142,8 @@ echo "contract.sh: tally serving on $address (pid $server_pid, log $server_log)"
 # Settings beyond the command line live in deploy/schemathesis.toml. Schemathesis keeps the
 # failures it found in .schemathesis/ under its working directory: start each run without them.
 rm -rf "$work_dir/.schemathesis"
+# A live event stream never ends, so no request of it can complete: it is left out here, and
+# crates/tally/tests/widgets.rs covers it.
 set +e
 (cd "$work_dir" && timeout -k 10 900 "$venv/bin/st" --config-file "$repo/deploy/schemathesis.toml" run "http://$address/openapi.json" \
   --checks all \
@@ -153,6 +155,7 @@ set +e
   --workers 2 \
   --no-color \
   --report junit,ndjson --report-dir "$work_dir/report" \
+  --exclude-path '/v1/counters/{name}/events' \
   "$@")
 status=$?
 set -e

@@ -5,6 +5,10 @@
 //!   (shields.io's own layout and font widths), humanized counts ([`humanize`]), never cached
 //!   stale by an image proxy, and with `?incr=1` counting the view it shows;
 //! - `GET /v1/counters/NAME/shields`: the JSON `img.shields.io/endpoint` reads;
+//! - `GET /v1/counters/NAME/events`: the counter live, as Server-Sent Events, from one watcher
+//!   per counter and process however many clients follow it ([`live`]);
+//! - `GET /embed/NAME` and `GET /embed.js`: a page for an `<iframe>` and a script for a `<span>`
+//!   that show a counter live, falling back to polling where event streams are blocked;
 //! - `GET /hit/NAMESPACE/KEY` and `GET /get/NAMESPACE/KEY`: CountAPI's routes, so pages written
 //!   for that service work against Tally; `NAMESPACE:KEY` is the Tally counter.
 //!
@@ -15,6 +19,7 @@
 
 pub mod badge;
 pub mod humanize;
+pub mod live;
 pub mod routes;
 
 use std::sync::Arc;
@@ -29,12 +34,26 @@ use tally_read::ReadService;
 pub struct WidgetService {
     pub read: Arc<ReadService>,
     pub ingest: Option<Arc<IngestService>>,
+    pub live: Arc<live::LiveCounters>,
+}
+
+impl WidgetService {
+    pub fn new(read: Arc<ReadService>, ingest: Option<Arc<IngestService>>) -> Self {
+        Self {
+            live: Arc::new(live::LiveCounters::new(Arc::clone(&read))),
+            read,
+            ingest,
+        }
+    }
 }
 
 pub fn router(service: Arc<WidgetService>) -> Router {
     Router::new()
         .route("/badge/{file}", get(routes::badge))
         .route("/v1/counters/{name}/shields", get(routes::shields_endpoint))
+        .route("/v1/counters/{name}/events", get(routes::live_events))
+        .route("/embed/{name}", get(routes::embed_page))
+        .route("/embed.js", get(routes::embed_script))
         .route("/hit/{namespace}/{key}", get(routes::countapi_hit))
         .route("/get/{namespace}/{key}", get(routes::countapi_get))
         .with_state(service)

@@ -1,12 +1,15 @@
 //! The widget routes. Every answer carries `Access-Control-Allow-Origin: *`: widgets run on
 //! other people's pages.
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use tally_core::CounterName;
@@ -65,6 +68,15 @@ pub struct ShieldsEndpoint {
     pub label: String,
     pub message: String,
     pub color: String,
+}
+
+/// The data of a live counter's `value` event.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LiveValue {
+    pub counter: String,
+    pub value: i64,
+    /// When the value was read, RFC 3339.
+    pub as_of: String,
 }
 
 /// A CountAPI answer.
@@ -188,6 +200,123 @@ pub async fn shields_endpoint(
         color: look.color_name().to_owned(),
         label: look.label,
     })))
+}
+
+/// A counter's value as Server-Sent Events: `event: value` with `{"counter", "value", "as_of"}`
+/// whenever it changes (at most one per 250 ms), its `id` being the value; `: keep-alive`
+/// comments every 15 s. A reconnect with `Last-Event-ID` gets the next event only once the
+/// value differs from the one it names.
+#[utoipa::path(
+    get,
+    path = "/v1/counters/{name}/events",
+    params(
+        ("name" = inline(tally_infra::openapi::CounterNameSchema), Path, description = "Counter name, percent-encoded"),
+        ("Last-Event-ID" = Option<String>, Header, description = "The `id` of the last event received: the value it showed"),
+    ),
+    responses(
+        (status = 200, description = "An endless event stream", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Bad name", content_type = "application/problem+json"),
+    ),
+    tag = "widgets"
+)]
+pub async fn live_events(
+    State(service): State<Arc<WidgetService>>,
+    name: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let name = counter_name_from_path(name)?;
+    let last_seen = headers
+        .get("last-event-id")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let receiver = service.live.follow(name);
+    let events = futures_util::stream::unfold(
+        (receiver, last_seen),
+        |(mut receiver, mut last_seen)| async move {
+            loop {
+                let latest = receiver.borrow_and_update().clone();
+                if let Some(latest) = latest {
+                    let id = latest.value.to_string();
+                    if last_seen.as_deref() != Some(id.as_str()) {
+                        last_seen = Some(id.clone());
+                        let event = Event::default()
+                            .event("value")
+                            .id(id)
+                            .json_data(LiveValue {
+                                counter: latest.counter,
+                                value: latest.value,
+                                as_of: latest.as_of,
+                            })
+                            .expect("a live value serializes");
+                        return Some((Ok::<_, Infallible>(event), (receiver, last_seen)));
+                    }
+                }
+                // The watcher outlives its followers; it is gone only if it failed.
+                receiver.changed().await.ok()?;
+            }
+        },
+    );
+    Ok(cors(
+        Sse::new(events).keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("keep-alive"),
+        ),
+    ))
+}
+
+/// A page for an `<iframe>` that shows the counter live (Server-Sent Events, or polling where
+/// they are blocked). Query options: `label`, `color`, `size` (px), `format=full`.
+#[utoipa::path(
+    get,
+    path = "/embed/{name}",
+    params(("name" = inline(tally_infra::openapi::CounterNameSchema), Path, description = "Counter name, percent-encoded")),
+    responses(
+        (status = 200, description = "The page", content_type = "text/html", body = String),
+        (status = 400, description = "Bad name", content_type = "application/problem+json"),
+    ),
+    tag = "widgets"
+)]
+pub async fn embed_page(name: Result<Path<String>, PathRejection>) -> Result<Response, Problem> {
+    // The page reads the name from its own address; checking it here answers a bad one clearly.
+    counter_name_from_path(name)?;
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            ),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("max-age=300"),
+            ),
+        ],
+        include_str!("../assets/embed.html"),
+    )
+        .into_response())
+}
+
+/// A script that turns every `<span data-tally="NAME">` of a page into NAME's live value.
+#[utoipa::path(
+    get,
+    path = "/embed.js",
+    responses((status = 200, description = "The script", content_type = "text/javascript", body = String)),
+    tag = "widgets"
+)]
+pub async fn embed_script() -> Response {
+    cors((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/javascript; charset=utf-8"),
+            ),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("max-age=300"),
+            ),
+        ],
+        include_str!("../assets/embed.js"),
+    ))
 }
 
 /// CountAPI's `hit`: counts one and answers the new value. `/hit/NAMESPACE/KEY` is the Tally

@@ -96,10 +96,7 @@ impl App {
             router = router.merge(tally_read::router(Arc::clone(&service)));
             // Widgets read through the read service, and count through the ingest when this
             // process has it, behind the write guard like any increment.
-            let widgets = Arc::new(WidgetService {
-                read: service,
-                ingest: ingest.clone(),
-            });
+            let widgets = Arc::new(WidgetService::new(service, ingest.clone()));
             router = router.merge(tally_widgets::router(widgets).route_layer(
                 axum::middleware::from_fn_with_state(
                     Arc::clone(&write_guard),

@@ -159,3 +159,112 @@ async fn the_shields_endpoint_and_the_countapi_door_answer_what_their_clients_re
     );
     app.stop().await;
 }
+
+/// Reads a live stream until an event with `value` arrives; returns its id and data.
+async fn next_event(response: &mut reqwest::Response, buffer: &mut String) -> (String, Value) {
+    loop {
+        if let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            let mut id = None;
+            let mut data = None;
+            for line in event.lines() {
+                if let Some(rest) = line.strip_prefix("id:") {
+                    id = Some(rest.trim().to_owned());
+                }
+                if let Some(rest) = line.strip_prefix("data:") {
+                    data = Some(serde_json::from_str(rest.trim()).unwrap());
+                }
+            }
+            if let (Some(id), Some(data)) = (id, data) {
+                return (id, data);
+            }
+            continue;
+        }
+        let chunk = response
+            .chunk()
+            .await
+            .unwrap()
+            .expect("the stream does not end");
+        buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+}
+
+#[tokio::test]
+async fn live_clients_of_one_counter_share_one_watcher_and_see_increments_within_a_second() {
+    let app = spawn_app().await;
+    assert_eq!(app.increment("live", 5).await.status(), 202);
+    app.wait_for_exact("live", 5).await;
+
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        let response = get(&app, "/v1/counters/live/events").await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        clients.push((response, String::new()));
+    }
+    for (response, buffer) in &mut clients {
+        let (id, data) = next_event(response, buffer).await;
+        assert_eq!(id, "5");
+        assert_eq!(data["counter"], "live");
+        assert_eq!(data["value"], 5);
+    }
+    let metrics = get(&app, "/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("tally_widgets_live_counters 1"),
+        "50 clients of one counter, one watcher"
+    );
+
+    let started = std::time::Instant::now();
+    assert_eq!(app.increment("live", 2).await.status(), 202);
+    for (response, buffer) in &mut clients {
+        let (id, data) = next_event(response, buffer).await;
+        assert_eq!((id.as_str(), data["value"].as_i64()), ("7", Some(7)));
+    }
+    let elapsed = started.elapsed();
+    println!("50 live clients saw an increment {elapsed:?} after its 202 was asked for");
+    assert!(elapsed < std::time::Duration::from_secs(2), "{elapsed:?}");
+
+    // A reconnect that already saw 7 gets nothing until the value changes.
+    let mut resumed = app
+        .http
+        .get(app.url("/v1/counters/live/events"))
+        .header("Last-Event-ID", "7")
+        .send()
+        .await
+        .unwrap();
+    let mut buffer = String::new();
+    assert_eq!(app.increment("live", 1).await.status(), 202);
+    let (id, _) = next_event(&mut resumed, &mut buffer).await;
+    assert_eq!(id, "8", "the resumed stream skips the value it had seen");
+    drop(clients);
+    drop(resumed);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_embed_page_and_script_are_served_small_and_self_contained() {
+    let app = spawn_app().await;
+    let response = get(&app, "/embed/my%2Fpage?label=views").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/html; charset=utf-8"
+    );
+    let page = response.text().await.unwrap();
+    assert!(page.contains("../embed.js"), "{page}");
+    assert!(page.len() < 4_096, "a few KB: {} bytes", page.len());
+
+    let response = get(&app, "/embed.js").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/javascript; charset=utf-8"
+    );
+    let script = response.text().await.unwrap();
+    assert!(script.contains("EventSource") && script.contains("data-tally"));
+    assert!(script.len() < 8_192, "a few KB: {} bytes", script.len());
+
+    assert_eq!(get(&app, "/embed/").await.status(), 404);
+    assert_eq!(get(&app, "/embed/a%01b").await.status(), 400);
+    app.stop().await;
+}
