@@ -59,13 +59,39 @@ pub fn router(service: Arc<WidgetService>) -> Router {
         .with_state(service)
 }
 
-/// Whether a widget request counts a view: a CountAPI hit, or a badge with `incr=1`.
+/// Whether a widget request counts a view: a CountAPI hit, or a badge with `incr=1`. The query
+/// is decoded as the handler decodes it, so `?%69ncr=%31` is counting too.
 pub fn is_counting<B>(request: &Request<B>) -> bool {
     let uri = request.uri();
-    uri.path().starts_with("/hit/")
-        || uri.query().is_some_and(|query| {
-            query
-                .split('&')
-                .any(|pair| pair == "incr=1" || pair == "incr=true")
+    if uri.path().starts_with("/hit/") {
+        return true;
+    }
+    let decode = |part: &str| {
+        percent_encoding::percent_decode_str(&part.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    uri.query().is_some_and(|query| {
+        query.split('&').any(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            decode(key) == "incr" && matches!(decode(value).as_str(), "1" | "true")
         })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counting_requests_are_found_however_their_query_is_encoded() {
+        let counting = |uri: &str| is_counting(&Request::get(uri).body(()).unwrap());
+        assert!(counting("/hit/site/home"));
+        assert!(counting("/badge/a.svg?incr=1"));
+        assert!(counting("/badge/a.svg?label=x&incr=true"));
+        assert!(counting("/badge/a.svg?%69ncr=%31"));
+        assert!(!counting("/badge/a.svg?incr=0"));
+        assert!(!counting("/badge/a.svg?label=incr%3D1"));
+        assert!(!counting("/get/site/home"));
+    }
 }
