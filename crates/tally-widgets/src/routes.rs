@@ -38,6 +38,7 @@ pub struct BadgeQuery {
     #[param(pattern = "^(flat|flat-square|plastic|social|for-the-badge)$")]
     pub style: Option<String>,
     /// `metric` (`1.2k`, the default) or `full` (`1,234`).
+    #[param(inline)]
     pub format: Option<CountFormat>,
     /// `1` or `true`: count this view first (the write rate limit applies), then show it.
     #[param(pattern = "^(0|1|true|false)$")]
@@ -56,6 +57,7 @@ pub struct ShieldsQuery {
     #[param(min_length = 1, max_length = 32, pattern = "^[#A-Za-z0-9]{1,32}$")]
     pub color: Option<String>,
     /// `metric` (`1.2k`, the default) or `full` (`1,234`).
+    #[param(inline)]
     pub format: Option<CountFormat>,
 }
 

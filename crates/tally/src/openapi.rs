@@ -167,3 +167,41 @@ pub async fn metrics() -> ([(axum::http::HeaderName, &'static str); 1], String) 
 pub async fn openapi_json() -> Json<Value> {
     Json(serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document should serialize"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `$ref` in the document names a schema it defines: a client (or a fuzzer) that
+    /// follows one finds it.
+    #[test]
+    fn every_reference_resolves() {
+        fn collect<'v>(value: &'v Value, references: &mut Vec<&'v str>) {
+            match value {
+                Value::Object(members) => {
+                    for (key, member) in members {
+                        match (key.as_str(), member) {
+                            ("$ref", Value::String(reference)) => references.push(reference),
+                            _ => collect(member, references),
+                        }
+                    }
+                }
+                Value::Array(items) => items.iter().for_each(|item| collect(item, references)),
+                _ => {}
+            }
+        }
+        let document = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let mut references = Vec::new();
+        collect(&document, &mut references);
+        assert!(!references.is_empty());
+        for reference in references {
+            let name = reference
+                .strip_prefix("#/components/schemas/")
+                .unwrap_or_else(|| panic!("unexpected reference {reference}"));
+            assert!(
+                document["components"]["schemas"].get(name).is_some(),
+                "{reference} is not defined"
+            );
+        }
+    }
+}
