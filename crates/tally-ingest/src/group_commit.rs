@@ -138,7 +138,7 @@ mod tests {
                 })
                 .into_iter()
                 .collect(),
-            unclaimed_keys: false,
+            may_be_duplicated: false,
         }
     }
 

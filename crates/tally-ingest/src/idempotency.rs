@@ -7,9 +7,15 @@
 //!   the key gets `409` and retries later.
 //! - `A USE`: acknowledged by Kafka. A retry with the same use is a duplicate (`202`, not counted
 //!   again); another counter or amount gets `422`.
+//! - `U USE`: a produce failed without knowing whether Kafka wrote the record (it timed out, or
+//!   only part of a batch was written). The next request takes the key as if it were free, but
+//!   learns that a copy may be in the log.
 //!
-//! (`USE` is `BY:COUNTER`.) When the produce fails, the request releases its claim, so the
-//! client's retry can go ahead; if the record landed after all, the aggregator drops the retry.
+//! (`USE` is `BY:COUNTER`.) When the produce fails, the request gives its claim back, so the
+//! client's retry can go ahead. If the record may have landed after all, the aggregator drops
+//! whichever copy comes second, but until it has read both a read could show both: so a retry
+//! of an uncertain key is produced without adding to Redis's deltas, and reads show it once the
+//! aggregator applied it.
 //! Redis only speeds this up: PostgreSQL knows every use the aggregator applied, and the
 //! aggregator applies a use once. When Redis cannot be reached, a request is produced without a
 //! claim; two different uses of one key can then both be acknowledged, and both count (see
@@ -23,8 +29,9 @@ use tally_core::KeyUse;
 /// Where a key stood when a request tried to claim it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum KeyState {
-    /// This request holds the claim now.
-    Claimed,
+    /// This request holds the claim now. `earlier_copy`: an earlier attempt with the key failed
+    /// without knowing whether Kafka wrote it.
+    Claimed { earlier_copy: bool },
     /// Another request is producing this use.
     InFlight(KeyUse),
     /// Kafka acknowledged this use.
@@ -41,9 +48,21 @@ pub(crate) struct KeyClaims {
     claim_ttl: Duration,
     /// How long an acknowledged use is remembered.
     remember_for: Duration,
+    claim: redis::Script,
     release: redis::Script,
     acknowledge: redis::Script,
 }
+
+/// Claims a key that is free or whose last attempt is uncertain (`U USE`), and returns what the
+/// key held before: `SET NX GET`, except that an uncertain key counts as free.
+/// `ARGV` = the claim, its TTL in milliseconds.
+const CLAIM_KEY: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if (not current) or string.sub(current, 1, 2) == 'U ' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return current
+"#;
 
 /// Records an acknowledged use, unless the key now stands for another use: a claim that expired
 /// under a slow request may have been taken by another request since, and its answer must stand.
@@ -51,17 +70,23 @@ pub(crate) struct KeyClaims {
 const ACKNOWLEDGE_USE: &str = r#"
 local current = redis.call('GET', KEYS[1])
 if current then
-  local use = string.match(current, '^A (.*)$') or string.match(current, '^P %S+ (.*)$') or current
+  local use = string.match(current, '^[AU] (.*)$') or string.match(current, '^P %S+ (.*)$') or current
   if use ~= ARGV[2] then return 0 end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 return 1
 "#;
 
-/// Deletes a claim only if it is still the one this request made.
+/// Gives back a claim only if it is still the one this request made: deletes it, or, when a
+/// copy of the use may be in Kafka, leaves `U USE` for the next attempt to find.
+/// `ARGV` = the claim, then `U USE` and its TTL in seconds, or nothing.
 const RELEASE_CLAIM: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
+return redis.call('DEL', KEYS[1])
 "#;
 
 impl KeyClaims {
@@ -70,6 +95,7 @@ impl KeyClaims {
             prefix: prefix.to_owned(),
             claim_ttl,
             remember_for,
+            claim: redis::Script::new(CLAIM_KEY),
             release: redis::Script::new(RELEASE_CLAIM),
             acknowledge: redis::Script::new(ACKNOWLEDGE_USE),
         }
@@ -91,15 +117,14 @@ impl KeyClaims {
         uses: &[(&str, KeyUse)],
     ) -> Vec<KeyState> {
         let mut pipeline = redis::pipe();
+        // Pipelined scripts run by EVALSHA: load it first, in the same round trip.
+        pipeline.cmd("SCRIPT").arg("LOAD").arg(CLAIM_KEY).ignore();
         for (key, key_use) in uses {
-            pipeline
-                .cmd("SET")
-                .arg(self.redis_key(key))
+            let mut invocation = self.claim.key(self.redis_key(key));
+            invocation
                 .arg(Self::claim_value(token, key_use))
-                .arg("NX")
-                .arg("PX")
-                .arg(self.claim_ttl.as_millis() as u64)
-                .arg("GET");
+                .arg(self.claim_ttl.as_millis() as u64);
+            pipeline.invoke_script(&invocation);
         }
         let mut redis = redis.clone();
         match pipeline
@@ -141,12 +166,14 @@ impl KeyClaims {
     }
 
     /// Gives back the claims this request made, so a retry can go ahead. A claim that has
-    /// expired and been taken by another request is left alone.
+    /// expired and been taken by another request is left alone. `maybe_written`: the request's
+    /// records may be in Kafka after all, so each key is left uncertain rather than free.
     pub(crate) async fn release(
         &self,
         redis: &ConnectionManager,
         token: &str,
-        claimed: &[(&str, KeyUse)],
+        claimed: &[ClaimedKey<'_>],
+        maybe_written: bool,
     ) {
         if claimed.is_empty() {
             return;
@@ -157,9 +184,15 @@ impl KeyClaims {
             .arg("LOAD")
             .arg(RELEASE_CLAIM)
             .ignore();
-        for (key, key_use) in claimed {
-            let mut invocation = self.release.key(self.redis_key(key));
-            invocation.arg(Self::claim_value(token, key_use));
+        for claimed in claimed {
+            let mut invocation = self.release.key(self.redis_key(claimed.key));
+            invocation.arg(Self::claim_value(token, &claimed.key_use));
+            // An earlier attempt's copy may still be in the log, whatever became of this one.
+            if maybe_written || claimed.earlier_copy {
+                invocation
+                    .arg(format!("U {}", claimed.key_use.encode()))
+                    .arg(self.remember_for.as_secs());
+            }
             pipeline.invoke_script(&invocation).ignore();
         }
         let mut redis = redis.clone();
@@ -168,10 +201,24 @@ impl KeyClaims {
     }
 }
 
+/// A key this request claimed, with its use: to acknowledge or give back.
+#[derive(Clone, Debug)]
+pub(crate) struct ClaimedKey<'a> {
+    pub(crate) key: &'a str,
+    pub(crate) key_use: KeyUse,
+    /// An earlier attempt with the key may have been written: see [`KeyState::Claimed`].
+    pub(crate) earlier_copy: bool,
+}
+
 fn parse_state(value: Option<&str>) -> KeyState {
     let Some(value) = value else {
-        return KeyState::Claimed;
+        return KeyState::Claimed {
+            earlier_copy: false,
+        };
     };
+    if value.starts_with("U ") {
+        return KeyState::Claimed { earlier_copy: true };
+    }
     if let Some(acknowledged) = value.strip_prefix("A ") {
         return KeyUse::decode(acknowledged).map_or(KeyState::Unknown, KeyState::Acknowledged);
     }
@@ -198,7 +245,16 @@ mod tests {
 
     #[test]
     fn states_parse() {
-        assert_eq!(parse_state(None), KeyState::Claimed);
+        assert_eq!(
+            parse_state(None),
+            KeyState::Claimed {
+                earlier_copy: false
+            }
+        );
+        assert_eq!(
+            parse_state(Some("U 1:page:home")),
+            KeyState::Claimed { earlier_copy: true }
+        );
         assert_eq!(
             parse_state(Some("A -3:page:home")),
             KeyState::Acknowledged(key_use("page:home", -3))

@@ -13,10 +13,12 @@ pub struct CounterIncrements {
     pub by: i64,
     pub increments: u32,
     pub keyed: Vec<KeyedIncrement>,
-    /// Some keyed increment was produced without a claim (Redis could not be asked): a copy of
-    /// the same use may be on its way too. Such a record is not added to Redis's deltas, where
-    /// both copies would show; reads see it once the aggregator, which applies a use once, has.
-    pub unclaimed_keys: bool,
+    /// Some keyed increment may reach Kafka twice: it was produced without a claim (Redis could
+    /// not be asked), or an earlier attempt with its key failed without knowing whether Kafka
+    /// wrote it. Such a record is not added to Redis's deltas, where both copies could show
+    /// (the aggregator may apply the other copy, in another window, and commit it before it
+    /// reads this one); reads see it once the aggregator, which applies a use once, has.
+    pub may_be_duplicated: bool,
 }
 
 /// How much of a record's size its keyed increments may take. Kafka refuses records above
@@ -31,7 +33,7 @@ impl CounterIncrements {
             by: 0,
             increments: 0,
             keyed: Vec::new(),
-            unclaimed_keys: false,
+            may_be_duplicated: false,
         }
     }
 
@@ -40,8 +42,12 @@ impl CounterIncrements {
         self.keyed.iter().map(keyed_bytes).sum()
     }
 
-    /// Whether `other` still fits in the same record.
+    /// Whether `other` still fits in the same record. Increments that may be duplicated travel
+    /// apart from the others, which keep their place in Redis's deltas.
     pub(crate) fn has_room_for(&self, other: &CounterIncrements) -> bool {
+        if self.may_be_duplicated != other.may_be_duplicated {
+            return false;
+        }
         self.keyed.is_empty()
             || other.keyed.is_empty()
             || self.keyed_bytes() + other.keyed_bytes() <= KEYED_BYTES_PER_RECORD
@@ -52,7 +58,7 @@ impl CounterIncrements {
         self.by = self.by.saturating_add(other.by);
         self.increments += other.increments;
         self.keyed.extend(other.keyed.iter().cloned());
-        self.unclaimed_keys |= other.unclaimed_keys;
+        self.may_be_duplicated |= other.may_be_duplicated;
     }
 }
 
@@ -76,6 +82,14 @@ pub enum ProduceError {
         "some of the request's records were written and others were not ({0}); every increment of the request is indeterminate"
     )]
     PartlyWritten(Box<ProduceError>),
+}
+
+impl ProduceError {
+    /// Whether Kafka may have written the records after all: every failure but a full queue,
+    /// which sent nothing.
+    pub(crate) fn may_be_written(&self) -> bool {
+        !matches!(self, ProduceError::QueueFull)
+    }
 }
 
 /// What a request of several records answers, given each record's outcome.
@@ -131,7 +145,7 @@ mod tests {
                     by: 1,
                 })
                 .collect(),
-            unclaimed_keys: false,
+            may_be_duplicated: false,
         };
         let half = KEYED_BYTES_PER_RECORD / keyed_bytes(&keyed(1).keyed[0]) / 2;
         let mut record = keyed(half);

@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 
 use crate::group_commit::{self, GroupCommit};
 use crate::hot_names::HotNames;
-use crate::idempotency::{KeyClaims, KeyState};
+use crate::idempotency::{ClaimedKey, KeyClaims, KeyState};
 use crate::metrics;
 use crate::record::request_outcome;
 pub use crate::record::{CounterIncrements, ProduceError};
@@ -146,10 +146,11 @@ fn set_audit_id(idempotency_key: Option<&str>, name: &CounterName, value: i64) -
 struct KeyCheck<'a> {
     /// Per item: a retry of a use already acknowledged (or of an earlier item of the request).
     duplicates: Vec<bool>,
-    /// Per item: its key could not be claimed (Redis did not answer).
-    unclaimed: Vec<bool>,
+    /// Per item: another copy of its keyed increment may reach Kafka too. Its key could not be
+    /// claimed (Redis did not answer), or an earlier attempt with it may have been written.
+    may_be_duplicated: Vec<bool>,
     /// The keys this request claimed, with their uses: to acknowledge or release.
-    claimed: Vec<(&'a str, KeyUse)>,
+    claimed: Vec<ClaimedKey<'a>>,
 }
 
 impl IngestService {
@@ -213,8 +214,10 @@ impl IngestService {
         let mut records: Vec<CounterIncrements> = Vec::new();
         // The record each counter's next increment joins, while it has room.
         let mut open_record: HashMap<&CounterName, usize> = HashMap::new();
-        for ((item, duplicate), unclaimed) in
-            items.iter().zip(&check.duplicates).zip(&check.unclaimed)
+        for ((item, duplicate), may_be_duplicated) in items
+            .iter()
+            .zip(&check.duplicates)
+            .zip(&check.may_be_duplicated)
         {
             if *duplicate {
                 continue;
@@ -222,7 +225,7 @@ impl IngestService {
             let mut increment = CounterIncrements::empty(item.name.clone());
             increment.by = item.by;
             increment.increments = 1;
-            increment.unclaimed_keys = *unclaimed;
+            increment.may_be_duplicated = *may_be_duplicated;
             if let Some(key) = &item.idempotency_key {
                 increment.keyed.push(KeyedIncrement {
                     key: key.clone(),
@@ -243,7 +246,7 @@ impl IngestService {
             && let Err(error) = self.accept(&records).await
         {
             self.claims
-                .release(&self.redis, &token, &check.claimed)
+                .release(&self.redis, &token, &check.claimed, error.may_be_written())
                 .await;
             return Err(error.into());
         }
@@ -287,7 +290,7 @@ impl IngestService {
         }
         let mut check = KeyCheck {
             duplicates,
-            unclaimed: vec![false; items.len()],
+            may_be_duplicated: vec![false; items.len()],
             claimed: Vec::new(),
         };
         if first_items.is_empty() {
@@ -303,12 +306,17 @@ impl IngestService {
         for (position, state) in states.into_iter().enumerate() {
             let (key, index, this_use) = &first_items[position];
             match state {
-                KeyState::Claimed => {
-                    check.claimed.push((key, this_use.clone()));
+                KeyState::Claimed { earlier_copy } => {
+                    check.claimed.push(ClaimedKey {
+                        key,
+                        key_use: this_use.clone(),
+                        earlier_copy,
+                    });
+                    check.may_be_duplicated[*index] = earlier_copy;
                     ask_postgres.push(position);
                 }
                 KeyState::Unknown => {
-                    check.unclaimed[*index] = true;
+                    check.may_be_duplicated[*index] = true;
                     ask_postgres.push(position);
                 }
                 KeyState::Acknowledged(first_use) if first_use == *this_use => {
@@ -358,12 +366,15 @@ impl IngestService {
                 // PostgreSQL's answer, kept where the next retry looks first.
                 let mut redis = self.redis.clone();
                 let _ = known.query_async::<()>(&mut redis).await;
-                check.claimed.retain(|(key, _)| !applied.contains_key(*key));
+                check
+                    .claimed
+                    .retain(|claimed| !applied.contains_key(claimed.key));
             }
         }
         if let Some(refusal) = refusal {
+            // Nothing was produced: each key goes back as it was found.
             self.claims
-                .release(&self.redis, token, &check.claimed)
+                .release(&self.redis, token, &check.claimed, false)
                 .await;
             return Err(refusal);
         }
@@ -707,7 +718,7 @@ impl IngestService {
                     );
                     commands += 1;
                 }
-                if counter.by == 0 || counter.unclaimed_keys {
+                if counter.by == 0 || counter.may_be_duplicated {
                     continue;
                 }
                 let choice =
