@@ -157,7 +157,10 @@ pub async fn define(
     let creation = service
         .create(&name, definition)
         .await
-        .inspect_err(|_| metrics::count("create", "unavailable"))
+        .inspect_err(|error| {
+            metrics::count("create", "unavailable");
+            log_unavailable("create", error);
+        })
         .map_err(strict_problem)?;
     Ok(match creation {
         Creation::Created(counter) => {
@@ -225,6 +228,7 @@ pub async fn read(
         }
         Err(error) => {
             metrics::count("get", error_label(&error));
+            log_unavailable("get", &error);
             Err(strict_problem(error))
         }
     }
@@ -305,7 +309,7 @@ pub async fn add(
     request_body(content = CompareAndSetRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "Set; the counter after the set", body = StrictValueBody),
-        (status = 400, description = "Bad name or JSON, unknown member, wrong type", content_type = "application/problem+json"),
+        (status = 400, description = "Bad name or JSON, unknown member, wrong type, or an `Idempotency-Key` header (`/problems/idempotency-key-not-supported`: a retry of an applied compare-and-set answers `409 cas-mismatch` with the counter's value and version instead)", content_type = "application/problem+json"),
         (status = 401, description = "API keys are configured (`TALLY_API_KEYS`) and none, or a wrong one, was sent", content_type = "application/problem+json",
             headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
         (status = 404, description = "No strict counter has this name", content_type = "application/problem+json"),
@@ -329,6 +333,18 @@ pub async fn compare_and_set(
 ) -> Result<Json<StrictValueBody>, Problem> {
     let name = counter_name_from_path(name)?;
     tracing::Span::current().record("counter.name", name.as_str());
+    if headers.contains_key("idempotency-key") {
+        // Refused rather than ignored: a client sending one believes its retries are safe.
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "idempotency-key-not-supported",
+            "Compare-and-set takes no Idempotency-Key",
+            "a compare-and-set is not remembered by key: retry it as it is; if the first one was \
+             applied, the retry answers 409 cas-mismatch with the counter's value and version, \
+             which tell whether it was yours"
+                .to_owned(),
+        ));
+    }
     let request: CompareAndSetRequest = parse_body(&headers, body)?;
     let operation = Operation::CompareAndSet {
         expected: request.expected,
@@ -446,8 +462,16 @@ fn bound(limit: Option<i64>) -> String {
 fn error_label(error: &StrictError) -> &'static str {
     match error {
         StrictError::NotFound => "not_found",
-        StrictError::Unavailable(_) => "unavailable",
+        StrictError::Unavailable { .. } => "unavailable",
         StrictError::Overloaded => "overloaded",
+    }
+}
+
+/// PostgreSQL's own words for a failure the client only gets a summary of. (Writes are logged
+/// once per batch by the counter's writer instead.)
+fn log_unavailable(operation: &'static str, error: &StrictError) {
+    if let StrictError::Unavailable { reason, .. } = error {
+        tracing::warn!(operation, %reason, "strict counter request failed");
     }
 }
 
@@ -459,7 +483,7 @@ fn strict_problem(error: StrictError) -> Problem {
             "No such strict counter",
             error.to_string(),
         ),
-        StrictError::Unavailable(_) => Problem::new(
+        StrictError::Unavailable { .. } => Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "postgres-unavailable",
             "Strict counters cannot be reached right now",

@@ -65,16 +65,47 @@ pub enum Creation {
 pub enum StrictError {
     #[error("no strict counter has this name; create it with PUT first")]
     NotFound,
-    #[error("postgres did not answer: {0}")]
-    Unavailable(String),
+    /// `public` is what the client is told; `reason`, PostgreSQL's own words, goes to the log
+    /// only (it may name tables, constraints or hosts).
+    #[error("{public}")]
+    Unavailable {
+        public: &'static str,
+        reason: String,
+    },
     /// Nothing was written.
     #[error("too many writes of this counter are waiting for postgres; nothing was written")]
     Overloaded,
 }
 
+impl StrictError {
+    fn unavailable(public: &'static str, reason: impl Into<String>) -> Self {
+        StrictError::Unavailable {
+            public,
+            reason: reason.into(),
+        }
+    }
+}
+
 impl From<sqlx::Error> for StrictError {
     fn from(error: sqlx::Error) -> Self {
-        StrictError::Unavailable(error.to_string())
+        let public = match &error {
+            sqlx::Error::PoolTimedOut => {
+                "postgres gave no connection in time; nothing is known to be written"
+            }
+            sqlx::Error::Database(database) => match database.code().as_deref() {
+                // lock_not_available: the row stayed locked past the lock timeout.
+                Some("55P03") => {
+                    "the counter stayed locked by other writes past the lock timeout; nothing was written"
+                }
+                // query_canceled: the statement timeout.
+                Some("57014") => {
+                    "postgres did not finish the write within the statement timeout; nothing was written"
+                }
+                _ => "postgres refused the write; nothing was written",
+            },
+            _ => "postgres could not be reached; the write may or may not have happened",
+        };
+        StrictError::unavailable(public, error.to_string())
     }
 }
 
@@ -179,8 +210,9 @@ impl StrictService {
             tokio::spawn(Arc::clone(self).write_until_idle(name.as_str().to_owned()));
         }
         reply_rx.await.unwrap_or_else(|_| {
-            Err(StrictError::Unavailable(
-                "the counter's writer stopped".into(),
+            Err(StrictError::unavailable(
+                "the counter's writer stopped; the write may or may not have happened",
+                "the writer task ended without answering",
             ))
         })
     }
@@ -218,7 +250,7 @@ impl StrictService {
             let replies: Vec<Reply> = match self.commit_batch(&name, &operations).await {
                 Ok(decisions) => decisions.into_iter().map(Ok).collect(),
                 Err(error) => {
-                    if let StrictError::Unavailable(reason) = &error {
+                    if let StrictError::Unavailable { reason, .. } = &error {
                         warn!(counter.name = %name, batch.size = batch.len(), %reason, "strict counter write failed");
                     }
                     vec![Err(error); batch.len()]
@@ -242,8 +274,9 @@ impl StrictService {
             }
             debug!(counter.name = %name, "an idempotency key was taken meanwhile; deciding again");
         }
-        Err(StrictError::Unavailable(
-            "idempotency keys of this batch kept being taken by concurrent requests".into(),
+        Err(StrictError::unavailable(
+            "idempotency keys of this write kept being taken by concurrent requests; nothing was written",
+            format!("gave up after {KEY_RACE_ATTEMPTS} attempts"),
         ))
     }
 

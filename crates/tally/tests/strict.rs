@@ -376,6 +376,13 @@ async fn bad_input_is_a_4xx_problem_that_names_it() {
         400,
         "invalid-body",
     );
+    let keyed_cas = raw(
+        reqwest::Method::POST,
+        "/cas",
+        "{\"expected\": 1, \"value\": 2}",
+    )
+    .header("Idempotency-Key", "k-cas");
+    assert_problem(&send(keyed_cas).await, 400, "idempotency-key-not-supported");
     assert_problem(
         &send(raw(
             reqwest::Method::PUT,
